@@ -1,0 +1,131 @@
+"""Rank policies: how many directions each matrix protects before a task (DESIGN 4).
+
+Every policy returns ``{path: int32 array of the matrix's batch shape}`` and guarantees, per matrix,
+``previous <= k <= min(m, n) - min_trainable`` (clipped at 0 below), so protected subspaces only grow and some
+directions always stay trainable. Ranks are data: they are fed to ``compute_subspaces`` and never change shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+Shape = tuple[int, ...]
+
+
+def _finish(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] | None,
+            min_trainable: int) -> np.ndarray:
+  if len(shape) < 2:
+    raise ValueError(f"parameter {path!r} has shape {tuple(shape)}: ranks are only defined for matrices")
+  if min_trainable < 0:
+    raise ValueError(f"min_trainable must be >= 0, got {min_trainable}")
+  *batch, m, n = shape
+  cap = max(min(m, n) - min_trainable, 0)
+  k = np.broadcast_to(np.asarray(k), tuple(batch))
+  k = np.clip(k, 0, cap)
+  if previous is not None and previous.get(path) is not None:
+    prev = np.broadcast_to(np.asarray(previous[path]), tuple(batch))
+    # Monotone growth wins over min_trainable: a subspace is never un-protected.
+    k = np.maximum(k, prev)
+  return k.astype(np.int32)
+
+
+def normalize_importance(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Min-max normalises block importances jointly across all stacks to [0, 1] (constant input -> all 0.5)."""
+  values = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in raw.values()]) if raw else np.zeros(0)
+  if values.size == 0:
+    return {}
+  lo, hi = float(values.min()), float(values.max())
+  span = hi - lo
+  out = {}
+  for key, v in raw.items():
+    v = np.asarray(v, np.float64)
+    out[key] = np.full_like(v, 0.5) if span <= 1e-12 else (v - lo) / span
+  return out
+
+
+def retention_ratio(importance: Any, *, mrr: float = 0.1, trr: float = 0.8) -> np.ndarray:
+  """The paper's retention ratio r = mrr + I (trr - mrr) for normalised importance I in [0, 1]."""
+  if not 0.0 <= mrr <= trr <= 1.0:
+    raise ValueError(f"need 0 <= mrr <= trr <= 1, got mrr={mrr}, trr={trr}")
+  imp = np.clip(np.asarray(importance, np.float64), 0.0, 1.0)
+  return mrr + imp * (trr - mrr)
+
+
+def importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape], *, mrr: float = 0.1,
+                     trr: float = 0.8, previous: Mapping[str, Any] | None = None,
+                     min_trainable: int = 1) -> dict[str, np.ndarray]:
+  """The paper's adaptive policy: k = floor(r * min(m, n)) with r from the block's importance.
+
+  Args:
+    importance: ``{path: normalised importance}`` per matrix, a scalar or an array of the matrix's batch shape
+      (the stack of layers: each stacked matrix takes its own block's importance).
+    shapes: ``{path: shape}`` of the constrained matrices.
+    mrr: minimum retention ratio (least important block).
+    trr: top retention ratio (most important block).
+    previous: ranks before this task (monotone growth).
+    min_trainable: directions that always stay free.
+  """
+  out = {}
+  for path, shape in shapes.items():
+    if path not in importance:
+      raise ValueError(f"no importance for {path!r}; importance covers {sorted(importance)[:5]}")
+    r = retention_ratio(importance[path], mrr=mrr, trr=trr)
+    k = np.floor(r * min(shape[-2:]) + 1e-9).astype(np.int64)
+    out[path] = _finish(path, k, shape, previous, min_trainable)
+  return out
+
+
+def schedule_ranks(task_index: int, shapes: Mapping[str, Shape], *, rate: float = 0.07, max_ratio: float = 0.95,
+                   previous: Mapping[str, Any] | None = None, min_trainable: int = 1) -> dict[str, np.ndarray]:
+  """Ratio that grows with the task index: k = floor(min(rate * task_index, max_ratio) * min(m, n)).
+
+  ``task_index`` counts finished tasks (0 before the first task), as in the official code's ``0.07 t``.
+  """
+  if task_index < 0:
+    raise ValueError(f"task_index must be >= 0, got {task_index}")
+  ratio = min(rate * task_index, max_ratio)
+  out = {}
+  for path, shape in shapes.items():
+    k = int(np.floor(ratio * min(shape[-2:]) + 1e-9))
+    out[path] = _finish(path, np.asarray(k), shape, previous, min_trainable)
+  return out
+
+
+def energy_rank(singular_values: Any, eps: float) -> np.ndarray:
+  """Smallest k whose top-k singular values keep a fraction ``eps`` of the squared spectrum (per matrix).
+
+  Args:
+    singular_values: ``[..., r]`` singular values sorted descending.
+    eps: fraction in [0, 1].
+  """
+  if not 0.0 <= eps <= 1.0:
+    raise ValueError(f"eps must lie in [0, 1], got {eps}")
+  s2 = np.square(np.asarray(singular_values, np.float64))
+  total = s2.sum(-1, keepdims=True)
+  frac = np.cumsum(s2, -1) / np.where(total > 0, total, 1.0)
+  # Count the prefixes that still fall short of eps; the next one reaches it.
+  k = (frac < eps - 1e-12).sum(-1) + (eps > 0)
+  return np.where(total[..., 0] > 0, np.minimum(k, s2.shape[-1]), 0)
+
+
+def energy_ranks(singular_values: Mapping[str, Any], eps: float, *, shapes: Mapping[str, Shape] | None = None,
+                 previous: Mapping[str, Any] | None = None, min_trainable: int = 1) -> dict[str, np.ndarray]:
+  """GPM-style policy: per matrix the smallest k keeping a fraction ``eps`` of the squared spectrum.
+
+  Args:
+    singular_values: ``{path: [..., r] singular values}`` (e.g. of W, or of the complement part R with
+      ``previous`` ranks added on top by the caller).
+    eps: energy fraction.
+    shapes: ``{path: shape}``; default inferred as square ``r x r`` (pass the real shapes for min_trainable).
+    previous: ranks before this task (monotone growth).
+    min_trainable: directions that always stay free.
+  """
+  out = {}
+  for path, s in singular_values.items():
+    s = np.asarray(s)
+    shape = tuple(shapes[path]) if shapes is not None else tuple(s.shape) + (s.shape[-1],)
+    out[path] = _finish(path, energy_rank(s, eps), shape, previous, min_trainable)
+  return out

@@ -1,0 +1,361 @@
+"""Protected subspaces of weight matrices and the projection onto their orthogonal complement.
+
+A matrix W (m x n), or a stack of them ([..., m, n]), has a protected left basis U (m x k) and right basis
+V (n x k). The projection that keeps the protected part of W fixed is
+
+    P(G) = (I - U U^T) G (I - V V^T).
+
+Static shapes (DESIGN 5): each side stores ONE basis B with a fixed number of columns (the capacity c), zero
+padded, and a flag. With ``allow=False`` B holds the protected directions and the side applies ``G - B B^T G``;
+with ``allow=True`` B holds the allowed directions (the complement) and the side applies ``B B^T G``. A side stores
+whichever of the two is smaller, so a capacity of ``dim // 2`` represents every rank and the bases of one matrix
+never cost more than the matrix. Zero columns project nothing, hence ranks are data: changing them between tasks
+keeps every shape and dtype, and a jitted train step does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clsvd_jax._src import tree_paths
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+SIDES = ("both", "left", "right", "block")
+
+
+class Subspace(NamedTuple):
+  """Protected subspace of one matrix or of a stack of matrices with leading batch axes.
+
+  Attributes:
+    left: ``[..., m, c_left]`` basis of the left (output, dim -2) side, zero-padded columns.
+    right: ``[..., n, c_right]`` basis of the right (input, dim -1) side, zero-padded columns.
+    left_allow: ``bool[...]``; True when ``left`` stores the allowed complement instead of the protected span.
+    right_allow: ``bool[...]``; same for ``right``.
+    rank: ``int32[...]``; number of protected directions per side.
+  """
+
+  left: jax.Array
+  right: jax.Array
+  left_allow: jax.Array
+  right_allow: jax.Array
+  rank: jax.Array
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.rank.shape)
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    return (self.left.shape[-2], self.right.shape[-2])
+
+  @property
+  def capacity(self) -> tuple[int, int]:
+    return (self.left.shape[-1], self.right.shape[-1])
+
+
+def default_capacity(m: int, n: int) -> tuple[int, int]:
+  """Smallest per-side column counts that represent every protected rank in ``[0, min(m, n)]``.
+
+  A side of dimension d stores k protected or d - k allowed columns, whichever is smaller, so ``d // 2`` columns
+  always suffice; ranks never exceed ``min(m, n)``, which caps tall or wide sides further.
+  """
+  r = min(m, n)
+  return (min(m // 2, r), min(n // 2, r))
+
+
+def representable(rank: Any, dim: int, capacity: int) -> np.ndarray:
+  """Whether a side of dimension ``dim`` with ``capacity`` columns can store ``rank`` protected directions."""
+  rank = np.asarray(rank)
+  return (rank <= capacity) | (dim - rank <= capacity)
+
+
+def empty_subspace(shape: tuple[int, ...], *, capacity: tuple[int, int] | int | None = None,
+                   dtype: Any = jnp.float32) -> Subspace:
+  """A rank-0 subspace (projects nothing) for a matrix or stack of matrices of ``shape``."""
+  if len(shape) < 2:
+    raise ValueError(f"a subspace needs a matrix ([..., m, n]); got shape {tuple(shape)}")
+  *batch, m, n = shape
+  c_left, c_right = _resolve_capacity(capacity, m, n)
+  batch = tuple(batch)
+  return Subspace(
+      left=jnp.zeros(batch + (m, c_left), dtype),
+      right=jnp.zeros(batch + (n, c_right), dtype),
+      left_allow=jnp.zeros(batch, jnp.bool_),
+      right_allow=jnp.zeros(batch, jnp.bool_),
+      rank=jnp.zeros(batch, jnp.int32),
+  )
+
+
+def _resolve_capacity(capacity: tuple[int, int] | int | None, m: int, n: int) -> tuple[int, int]:
+  if capacity is None:
+    return default_capacity(m, n)
+  if isinstance(capacity, int | np.integer):
+    c_left = c_right = int(capacity)
+  else:
+    c_left, c_right = (int(c) for c in capacity)
+  # More columns than the side's dimension can never be used.
+  return (min(c_left, m), min(c_right, n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projections (hot path: runs in every train step).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _left_span(basis: jax.Array, g: jax.Array) -> jax.Array:
+  """B B^T G over the left (dim -2) side."""
+  coeff = jnp.einsum("...mc,...mn->...cn", basis, g, precision=_HIGHEST)
+  return jnp.einsum("...mc,...cn->...mn", basis, coeff, precision=_HIGHEST)
+
+
+def _right_span(basis: jax.Array, g: jax.Array) -> jax.Array:
+  """G B B^T over the right (dim -1) side."""
+  coeff = jnp.einsum("...mn,...nc->...mc", g, basis, precision=_HIGHEST)
+  return jnp.einsum("...mc,...nc->...mn", coeff, basis, precision=_HIGHEST)
+
+
+def _select(allow: jax.Array, span: jax.Array, g: jax.Array, *, keep_protected: bool) -> jax.Array:
+  """Picks ``span`` or ``g - span`` per matrix, depending on what the side stores and what is wanted."""
+  allow = allow[..., None, None]
+  # The complement is the span of an allowed basis, or what remains after removing a protected span.
+  complement = jnp.where(allow, span, g - span)
+  if keep_protected:
+    return g - complement
+  return complement
+
+
+def complement_left(s: Subspace, g: jax.Array) -> jax.Array:
+  """(I - U U^T) G."""
+  return _select(s.left_allow, _left_span(s.left, g), g, keep_protected=False)
+
+
+def complement_right(s: Subspace, g: jax.Array) -> jax.Array:
+  """G (I - V V^T)."""
+  return _select(s.right_allow, _right_span(s.right, g), g, keep_protected=False)
+
+
+def protected_left(s: Subspace, g: jax.Array) -> jax.Array:
+  """U U^T G."""
+  return _select(s.left_allow, _left_span(s.left, g), g, keep_protected=True)
+
+
+def protected_right(s: Subspace, g: jax.Array) -> jax.Array:
+  """G V V^T."""
+  return _select(s.right_allow, _right_span(s.right, g), g, keep_protected=True)
+
+
+def project(g: jax.Array, s: Subspace, sides: str = "both") -> jax.Array:
+  """Applies the projection variant ``sides`` to one update ``g`` ([..., m, n], same batch shape as ``s``).
+
+  * ``both``: (I - UU^T) G (I - VV^T); invariant U^T dW = 0 and dW V = 0.
+  * ``left``: (I - UU^T) G; invariant U^T dW = 0.
+  * ``right``: G (I - VV^T); invariant dW V = 0.
+  * ``block``: G - UU^T G VV^T; invariant U^T dW V = 0.
+
+  The arithmetic runs in float32 (low-precision rounding would leak into the protected span) and the result is
+  cast back to the update's dtype.
+  """
+  dtype = g.dtype
+  g32 = g.astype(jnp.float32)
+  s = s._replace(left=s.left.astype(jnp.float32), right=s.right.astype(jnp.float32))
+  if sides == "both":
+    out = complement_right(s, complement_left(s, g32))
+  elif sides == "left":
+    out = complement_left(s, g32)
+  elif sides == "right":
+    out = complement_right(s, g32)
+  elif sides == "block":
+    out = g32 - protected_right(s, protected_left(s, g32))
+  else:
+    raise ValueError(f"unknown sides={sides!r}; expected one of {SIDES}")
+  return out.astype(dtype)
+
+
+def protected_basis(s: Subspace, side: str = "left") -> jax.Array:
+  """The explicit orthonormal protected basis of one side, ``[..., d, d]`` with protected columns first.
+
+  Columns past the rank are zero. Meant for tests and diagnostics: it costs a d x d eigendecomposition.
+  """
+  basis = s.left if side == "left" else s.right
+  allow = s.left_allow if side == "left" else s.right_allow
+  d = basis.shape[-2]
+  proj = _projector(basis, allow)
+  q = _sorted_eigvecs(proj)
+  return q * (jnp.arange(d) < s.rank[..., None])[..., None, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Computing and accumulating subspaces (task boundaries).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _projector(basis: jax.Array, allow: jax.Array) -> jax.Array:
+  """Dense projector onto the protected span of one side, ``[..., d, d]``."""
+  d = basis.shape[-2]
+  span = jnp.einsum("...dc,...ec->...de", basis, basis, precision=_HIGHEST)
+  return jnp.where(allow[..., None, None], jnp.eye(d, dtype=basis.dtype) - span, span)
+
+
+def _sorted_eigvecs(sym: jax.Array) -> jax.Array:
+  """Eigenvectors of a symmetric PSD matrix, largest eigenvalue first."""
+  _, vecs = jnp.linalg.eigh(sym)
+  return vecs[..., ::-1]
+
+
+def _store(q: jax.Array, k: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Packs an ordered orthonormal basis ``q`` [d, d] (protected first) into the stored form of one side."""
+  d = q.shape[-1]
+  allow = k > capacity
+  cols = jnp.arange(capacity)
+  protect_form = q[:, :capacity] * (cols < k)
+  # Rolling by -k brings the allowed columns (k..d-1) to the front.
+  allow_form = jnp.roll(q, -k, axis=-1)[:, :capacity] * (cols < d - k)
+  return jnp.where(allow, allow_form, protect_form), allow
+
+
+def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace,
+                    capacity: tuple[int, int]) -> tuple[Subspace, jax.Array]:
+  """Grows one matrix's subspace to rank ``k`` (DESIGN 3). Returns the subspace and the singular values of R."""
+  w = w.astype(jnp.float32)
+  proj_u = _projector(prev.left.astype(jnp.float32), prev.left_allow)
+  proj_v = _projector(prev.right.astype(jnp.float32), prev.right_allow)
+  # Under two-sided updates W stays block-diagonal in the protected bases, so what is left to protect next is the
+  # top of the complement part R = P(W); for a fresh model R = W.
+  r_mat = w - proj_u @ w
+  r_mat = r_mat - r_mat @ proj_v
+  a, svals, bt = jnp.linalg.svd(r_mat, full_matrices=False)
+  new = jnp.arange(a.shape[-1]) < (k - prev.rank)
+  a_new = a * new
+  b_new = bt.T * new
+  # Zero singular values give arbitrary vectors; removing any overlap with the old span keeps P_new a projector.
+  a_new = a_new - proj_u @ a_new
+  b_new = b_new - proj_v @ b_new
+  q_left = _sorted_eigvecs(proj_u + a_new @ a_new.T)
+  q_right = _sorted_eigvecs(proj_v + b_new @ b_new.T)
+  left, left_allow = _store(q_left, k, capacity[0])
+  right, right_allow = _store(q_right, k, capacity[1])
+  sub = Subspace(left, right, left_allow, right_allow, k.astype(jnp.int32))
+  return sub, svals
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "dtype"))
+def _accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int], dtype: Any):
+  batch = w.shape[:-2]
+  flat = lambda x, tail: x.reshape((-1,) + x.shape[len(batch):]) if tail else x.reshape(-1)
+  wf = flat(w, True)
+  kf = flat(k, False)
+  pf = Subspace(flat(prev.left, True), flat(prev.right, True), flat(prev.left_allow, False),
+                flat(prev.right_allow, False), flat(prev.rank, False))
+  # One batched SVD over every stacked layer (DESIGN 5).
+  sub, svals = jax.vmap(lambda a, b, c: _accumulate_one(a, b, c, capacity))(wf, kf, pf)
+  unflat = lambda x: x.reshape(batch + x.shape[1:])
+  sub = Subspace(unflat(sub.left).astype(dtype), unflat(sub.right).astype(dtype), unflat(sub.left_allow),
+                 unflat(sub.right_allow), unflat(sub.rank))
+  return sub, unflat(svals)
+
+
+def _is_subspace_or_none(x: Any) -> bool:
+  return x is None or isinstance(x, Subspace)
+
+
+def _ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
+  """Normalises ``ranks`` (a pytree like params, or a dict keyed by path) to ``{path: rank or None}``."""
+  param_paths = tree_paths.flatten_with_paths(params)
+  if isinstance(ranks, Mapping) and ranks and all(isinstance(key, str) and "/" in key for key in ranks):
+    by_path = dict(ranks)
+  elif isinstance(ranks, Mapping) and ranks and set(ranks) <= set(param_paths):
+    by_path = dict(ranks)
+  else:
+    by_path = tree_paths.flatten_with_paths(ranks, is_leaf=lambda x: x is None)
+  unknown = sorted(set(by_path) - set(param_paths))
+  if unknown:
+    raise ValueError(f"ranks name parameters that do not exist: {unknown[:5]}; known parameters include "
+                     f"{list(param_paths)[:8]}")
+  return by_path
+
+
+def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
+                      capacity: tuple[int, int] | int | None = None, dtype: Any = jnp.float32,
+                      return_singular_values: bool = False) -> Any:
+  """Protected subspaces for the selected matrices of ``params``.
+
+  The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
+  W. With ``previous`` the subspaces ACCUMULATE (DESIGN 3): the result contains the old subspace exactly and adds
+  the top ``k - k_old`` singular directions of the complement part ``(I - UU^T) W (I - VV^T)``.
+
+  Args:
+    params: pytree of parameters.
+    ranks: protected counts: a pytree shaped like ``params`` whose leaves are ints / int arrays of the matrix's
+      batch shape (e.g. ``[L]`` for a stack of L layers) or None for unconstrained leaves; or a dict
+      ``{"path/to/param": rank}`` (paths as ``clsvd_jax.flatten_with_paths`` prints them).
+    previous: the subspace tree of the previous task (as returned by this function or ``get_subspaces``), or None.
+    capacity: stored columns per side (int or (left, right)); default ``default_capacity(m, n)``. Ignored where
+      ``previous`` fixes it, so shapes never change between tasks.
+    dtype: dtype of the stored bases.
+    return_singular_values: also return ``{path: singular values of the complement part}`` (for energy ranks).
+
+  Returns:
+    A tree shaped like ``params`` with a ``Subspace`` at every selected matrix and None elsewhere (and the
+    singular-value dict when asked).
+
+  Raises:
+    ValueError: naming the parameter, when a selected leaf is not a matrix, a rank is negative or exceeds
+      min(m, n), ranks shrink from ``previous``, ``previous`` does not match ``params``, or a rank does not fit
+      the capacity.
+  """
+  by_path = _ranks_by_path(params, ranks)
+  prev_by_path = {}
+  if previous is not None:
+    prev_by_path = tree_paths.flatten_with_paths(previous, is_leaf=_is_subspace_or_none)
+  singular_values = {}
+
+  def one(path: str, w: Any) -> Subspace | None:
+    k = by_path.get(path)
+    prev = prev_by_path.get(path)
+    if k is None:
+      if prev is not None:
+        raise ValueError(f"parameter {path!r} had a protected subspace but has no rank now; protected subspaces "
+                         "only grow: pass its previous rank (or more)")
+      return None
+    shape = tuple(np.shape(w))
+    if len(shape) < 2:
+      raise ValueError(f"parameter {path!r} has shape {shape}: only matrices ([..., m, n]) can be constrained; "
+                       "give it no rank (or change the parameter policy to freeze/train it)")
+    *batch, m, n = shape
+    k_arr = np.broadcast_to(np.asarray(k), tuple(batch)) if np.ndim(k) <= len(batch) else None
+    if k_arr is None or not np.issubdtype(np.asarray(k).dtype, np.integer):
+      raise ValueError(f"rank for {path!r} must be an integer or an integer array of shape {tuple(batch)} "
+                       f"(one per stacked matrix); got {np.asarray(k)!r}")
+    if (k_arr < 0).any() or (k_arr > min(m, n)).any():
+      raise ValueError(f"rank for {path!r} must lie in [0, min(m, n)] = [0, {min(m, n)}] for shape {shape}; "
+                       f"got {k_arr.tolist()}")
+    if prev is not None:
+      if tuple(prev.rank.shape) != tuple(batch) or prev.matrix_shape != (m, n):
+        raise ValueError(f"previous subspace of {path!r} is for shape {prev.rank.shape + prev.matrix_shape}, but "
+                         f"the parameter has shape {shape}")
+      prev_k = np.asarray(prev.rank)
+      if (k_arr < prev_k).any():
+        raise ValueError(f"ranks for {path!r} shrink from {prev_k.tolist()} to {k_arr.tolist()}: protected "
+                         "subspaces only grow between tasks")
+      cap = prev.capacity
+    else:
+      cap = _resolve_capacity(capacity, m, n)
+      prev = empty_subspace(shape, capacity=cap, dtype=jnp.float32)
+    for side, dim, c in (("left", m, cap[0]), ("right", n, cap[1])):
+      if not representable(k_arr, dim, c).all():
+        raise ValueError(f"rank {k_arr.tolist()} of {path!r} does not fit the {side} capacity {c} (dimension "
+                         f"{dim}): a side stores min(k, dim - k) columns; use capacity >= {dim // 2}")
+    sub, svals = _accumulate(jnp.asarray(w), jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype)
+    singular_values[path] = svals
+    return sub
+
+  out = tree_paths.map_with_paths(one, params)
+  if return_singular_values:
+    return out, singular_values
+  return out
