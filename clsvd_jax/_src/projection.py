@@ -43,7 +43,7 @@ def _check_sides(sides: str) -> None:
 
 
 def init_subspaces(params: Any, *, mask: MaskOrFn = None, capacity: tuple[int, int] | int | None = None,
-                   dtype: Any = np.float32) -> Any:
+                   max_rank_ratio: float = 1.0, dtype: Any = np.float32) -> Any:
   """Rank-0 subspaces with fixed capacity for the selected matrices of ``params`` (None elsewhere).
 
   Args:
@@ -51,6 +51,7 @@ def init_subspaces(params: Any, *, mask: MaskOrFn = None, capacity: tuple[int, i
     mask: None (every leaf with ndim >= 2), a pytree of bools shaped like params, or a callable params -> such a
       pytree.
     capacity: stored columns per side; see ``compute_subspaces``.
+    max_rank_ratio: largest rank the default capacity must hold, as a fraction of min(m, n).
     dtype: dtype of the bases.
   """
   if callable(mask):
@@ -66,7 +67,8 @@ def init_subspaces(params: Any, *, mask: MaskOrFn = None, capacity: tuple[int, i
     if np.ndim(p) < 2:
       raise ValueError(f"parameter {path!r} has shape {np.shape(p)}: only matrices can be constrained; remove it "
                        "from the constrain mask / policy")
-    return subspace_lib.empty_subspace(tuple(np.shape(p)), capacity=capacity, dtype=dtype)
+    return subspace_lib.empty_subspace(tuple(np.shape(p)), capacity=capacity, max_rank_ratio=max_rank_ratio,
+                                       dtype=dtype)
 
   is_leaf = lambda x: isinstance(x, _masking.MaskedNode)
   if mask is None:
@@ -101,7 +103,8 @@ def project_updates(updates: Any, subspaces: Any, sides: str = "both") -> Any:
 
 
 def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: MaskOrFn = None,
-                          capacity: tuple[int, int] | int | None = None) -> optax.GradientTransformationExtraArgs:
+                          capacity: tuple[int, int] | int | None = None,
+                          max_rank_ratio: float = 1.0) -> optax.GradientTransformationExtraArgs:
   """Maps each update to its projection onto the complement of the protected subspaces.
 
   Chain it LAST (after the optimizer and weight decay) to make the final update satisfy the invariant exactly.
@@ -112,6 +115,7 @@ def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: M
     subspaces: an initial subspace tree; default rank-0 subspaces for the leaves selected by ``mask``.
     mask: which leaves get a subspace slot; see ``init_subspaces``.
     capacity: stored columns per side of the rank-0 subspaces.
+    max_rank_ratio: largest rank the default capacity must hold, as a fraction of min(m, n).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is an ``OrthogonalProjectionState``.
@@ -122,7 +126,8 @@ def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: M
     if subspaces is not None:
       check_subspaces(params, subspaces)
       return OrthogonalProjectionState(subspaces)
-    return OrthogonalProjectionState(init_subspaces(params, mask=mask, capacity=capacity))
+    return OrthogonalProjectionState(
+        init_subspaces(params, mask=mask, capacity=capacity, max_rank_ratio=max_rank_ratio))
 
   def update_fn(updates: Any, state: OrthogonalProjectionState, params: Any = None, **extra_args: Any):
     del params, extra_args
@@ -133,7 +138,7 @@ def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: M
 
 def scale_by_orthogonal_complement(inner: optax.GradientTransformation, *, sides: str = "both",
                                    project_gradients: bool = True, subspaces: Any = None, mask: MaskOrFn = None,
-                                   capacity: tuple[int, int] | int | None = None
+                                   capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0
                                    ) -> optax.GradientTransformationExtraArgs:
   """Wraps any optax optimizer so that the parameters move only in the complement of the protected subspaces.
 
@@ -149,6 +154,8 @@ def scale_by_orthogonal_complement(inner: optax.GradientTransformation, *, sides
     subspaces: an initial subspace tree; default rank-0 subspaces (then this equals ``inner`` exactly).
     mask: which leaves get a subspace slot; see ``init_subspaces``. Leaves without one pass through untouched.
     capacity: stored columns per side of the rank-0 subspaces.
+    max_rank_ratio: largest rank the default capacity must hold, as a fraction of min(m, n); keep it at the rank
+      policy's cap so the bases stay smaller than the weights.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a ``ConstrainedState``.
@@ -161,7 +168,7 @@ def scale_by_orthogonal_complement(inner: optax.GradientTransformation, *, sides
       check_subspaces(params, subspaces)
       subs = subspaces
     else:
-      subs = init_subspaces(params, mask=mask, capacity=capacity)
+      subs = init_subspaces(params, mask=mask, capacity=capacity, max_rank_ratio=max_rank_ratio)
     return ConstrainedState(subs, inner.init(params))
 
   def update_fn(updates: Any, state: ConstrainedState, params: Any = None, **extra_args: Any):
@@ -211,7 +218,9 @@ def set_subspaces(opt_state: Any, subspaces: Any) -> Any:
 
   Because shapes, dtypes and the tree structure stay the same, a jitted train step that takes ``opt_state`` as an
   argument does not recompile. ``subspaces`` is a full tree shaped like params (as from ``compute_subspaces``);
-  positions that a state masks out (``optax.partition``) are skipped; None resets a slot to rank 0.
+  positions that a state masks out (``optax.partition``) are skipped; None resets a slot to rank 0. The arrays go
+  into the state as they are: with a train step that donates ``opt_state``, read them back with
+  ``get_subspaces`` instead of keeping references.
 
   Raises:
     ValueError: naming the parameter, when the trees do not match or a basis has another shape or dtype (compute

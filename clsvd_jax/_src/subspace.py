@@ -59,14 +59,20 @@ class Subspace(NamedTuple):
     return (self.left.shape[-1], self.right.shape[-1])
 
 
-def default_capacity(m: int, n: int) -> tuple[int, int]:
-  """Smallest per-side column counts that represent every protected rank in ``[0, min(m, n)]``.
+def default_capacity(m: int, n: int, max_rank_ratio: float = 1.0) -> tuple[int, int]:
+  """Smallest per-side column counts that represent every protected rank up to ``max_rank_ratio * min(m, n)``.
 
   A side of dimension d stores k protected or d - k allowed columns, whichever is smaller, so ``d // 2`` columns
-  always suffice; ranks never exceed ``min(m, n)``, which caps tall or wide sides further.
+  always suffice, and ranks never exceed ``K = ceil(max_rank_ratio * min(m, n))``: capacity ``min(d // 2, K)``.
+  Cost per matrix relative to W (m >= n, a = m / n, rho = K / n): ``min(rho, a/2) + min(rho, 1/2) / a``; that is
+  exactly 1 for square matrices at the full range and at most 1 for rank caps up to about 0.8 on LLaMA's shapes,
+  but up to 1.25 for a 2:1 matrix at the full range (DESIGN 5's "never more than the weight" needs a cap there).
   """
+  if not 0.0 < max_rank_ratio <= 1.0:
+    raise ValueError(f"max_rank_ratio must lie in (0, 1], got {max_rank_ratio}")
   r = min(m, n)
-  return (min(m // 2, r), min(n // 2, r))
+  k_max = min(r, int(np.ceil(max_rank_ratio * r - 1e-9)))
+  return (min(m // 2, k_max), min(n // 2, k_max))
 
 
 def representable(rank: Any, dim: int, capacity: int) -> np.ndarray:
@@ -76,12 +82,12 @@ def representable(rank: Any, dim: int, capacity: int) -> np.ndarray:
 
 
 def empty_subspace(shape: tuple[int, ...], *, capacity: tuple[int, int] | int | None = None,
-                   dtype: Any = jnp.float32) -> Subspace:
+                   max_rank_ratio: float = 1.0, dtype: Any = jnp.float32) -> Subspace:
   """A rank-0 subspace (projects nothing) for a matrix or stack of matrices of ``shape``."""
   if len(shape) < 2:
     raise ValueError(f"a subspace needs a matrix ([..., m, n]); got shape {tuple(shape)}")
   *batch, m, n = shape
-  c_left, c_right = _resolve_capacity(capacity, m, n)
+  c_left, c_right = _resolve_capacity(capacity, m, n, max_rank_ratio)
   batch = tuple(batch)
   return Subspace(
       left=jnp.zeros(batch + (m, c_left), dtype),
@@ -92,9 +98,10 @@ def empty_subspace(shape: tuple[int, ...], *, capacity: tuple[int, int] | int | 
   )
 
 
-def _resolve_capacity(capacity: tuple[int, int] | int | None, m: int, n: int) -> tuple[int, int]:
+def _resolve_capacity(capacity: tuple[int, int] | int | None, m: int, n: int,
+                      max_rank_ratio: float = 1.0) -> tuple[int, int]:
   if capacity is None:
-    return default_capacity(m, n)
+    return default_capacity(m, n, max_rank_ratio)
   if isinstance(capacity, int | np.integer):
     c_left = c_right = int(capacity)
   else:
@@ -281,8 +288,8 @@ def _ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
 
 
 def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
-                      capacity: tuple[int, int] | int | None = None, dtype: Any = jnp.float32,
-                      return_singular_values: bool = False) -> Any:
+                      capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0,
+                      dtype: Any = jnp.float32, return_singular_values: bool = False) -> Any:
   """Protected subspaces for the selected matrices of ``params``.
 
   The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
@@ -297,6 +304,8 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     previous: the subspace tree of the previous task (as returned by this function or ``get_subspaces``), or None.
     capacity: stored columns per side (int or (left, right)); default ``default_capacity(m, n)``. Ignored where
       ``previous`` fixes it, so shapes never change between tasks.
+    max_rank_ratio: with the default capacity, the largest rank (as a fraction of min(m, n)) the bases must hold;
+      the rank policy's cap (e.g. trr) keeps the bases smaller than the weights.
     dtype: dtype of the stored bases.
     return_singular_values: also return ``{path: singular values of the complement part}`` (for energy ranks).
 
@@ -319,16 +328,17 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     k = by_path.get(path)
     prev = prev_by_path.get(path)
     if k is None:
-      if prev is not None:
-        raise ValueError(f"parameter {path!r} had a protected subspace but has no rank now; protected subspaces "
-                         "only grow: pass its previous rank (or more)")
-      return None
+      # No new rank: a previous subspace carries over unchanged (subspaces never shrink).
+      return prev
     shape = tuple(np.shape(w))
     if len(shape) < 2:
       raise ValueError(f"parameter {path!r} has shape {shape}: only matrices ([..., m, n]) can be constrained; "
                        "give it no rank (or change the parameter policy to freeze/train it)")
     *batch, m, n = shape
-    k_arr = np.broadcast_to(np.asarray(k), tuple(batch)) if np.ndim(k) <= len(batch) else None
+    try:
+      k_arr = np.broadcast_to(np.asarray(k), tuple(batch))
+    except ValueError:
+      k_arr = None
     if k_arr is None or not np.issubdtype(np.asarray(k).dtype, np.integer):
       raise ValueError(f"rank for {path!r} must be an integer or an integer array of shape {tuple(batch)} "
                        f"(one per stacked matrix); got {np.asarray(k)!r}")
@@ -345,7 +355,7 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
                          "subspaces only grow between tasks")
       cap = prev.capacity
     else:
-      cap = _resolve_capacity(capacity, m, n)
+      cap = _resolve_capacity(capacity, m, n, max_rank_ratio)
       prev = empty_subspace(shape, capacity=cap, dtype=jnp.float32)
     for side, dim, c in (("left", m, cap[0]), ("right", n, cap[1])):
       if not representable(k_arr, dim, c).all():
