@@ -226,20 +226,40 @@ def _store(q: jax.Array, k: jax.Array, capacity: int) -> tuple[jax.Array, jax.Ar
   return jnp.where(allow, allow_form, protect_form), allow
 
 
-def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace,
-                    capacity: tuple[int, int]) -> tuple[Subspace, jax.Array]:
-  """Grows one matrix's subspace to rank ``k`` (DESIGN 3). Returns the subspace and the singular values of R."""
+def _top_new_directions(gram: jax.Array, proj: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Top ``count`` eigenvectors of the complement-projected PSD matrix ``(I - P) gram (I - P)`` and its spectrum."""
+  c = gram - proj @ gram
+  c = c - c @ proj
+  evals, vecs = jnp.linalg.eigh(0.5 * (c + c.T))
+  evals, vecs = evals[::-1], vecs[:, ::-1]
+  return vecs * (jnp.arange(vecs.shape[-1]) < count), jnp.sqrt(jnp.maximum(evals, 0.0))
+
+
+def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int],
+                    cov: jax.Array | None = None) -> tuple[Subspace, jax.Array]:
+  """Grows one matrix's subspace to rank ``k`` (DESIGN 3 and 4b).
+
+  Returns the subspace and the spectrum the new directions were taken from: singular values of the complement
+  part R (weights source) or square roots of the eigenvalues of the projected input covariance (activations).
+  """
   w = w.astype(jnp.float32)
   proj_u = _projector(prev.left.astype(jnp.float32), prev.left_allow)
   proj_v = _projector(prev.right.astype(jnp.float32), prev.right_allow)
-  # Under two-sided updates W stays block-diagonal in the protected bases, so what is left to protect next is the
-  # top of the complement part R = P(W); for a fresh model R = W.
-  r_mat = w - proj_u @ w
-  r_mat = r_mat - r_mat @ proj_v
-  a, svals, bt = jnp.linalg.svd(r_mat, full_matrices=False)
-  new = jnp.arange(a.shape[-1]) < (k - prev.rank)
-  a_new = a * new
-  b_new = bt.T * new
+  count = k - prev.rank
+  if cov is None:
+    # Under two-sided updates W stays block-diagonal in the protected bases, so what is left to protect next is
+    # the top of the complement part R = P(W); for a fresh model R = W.
+    r_mat = w - proj_u @ w
+    r_mat = r_mat - r_mat @ proj_v
+    a, spectrum, bt = jnp.linalg.svd(r_mat, full_matrices=False)
+    new = jnp.arange(a.shape[-1]) < count
+    a_new, b_new = a * new, bt.T * new
+  else:
+    # Right: the input directions the finished tasks actually used; left: where W sends them (output covariance
+    # W C W^T), i.e. the left singular directions of W C^{1/2}.
+    cov = cov.astype(jnp.float32)
+    b_new, spectrum = _top_new_directions(cov, proj_v, count)
+    a_new, _ = _top_new_directions(w @ cov @ w.T, proj_u, count)
   # Zero singular values give arbitrary vectors; removing any overlap with the old span keeps P_new a projector.
   a_new = a_new - proj_u @ a_new
   b_new = b_new - proj_v @ b_new
@@ -248,23 +268,27 @@ def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace,
   left, left_allow = _store(q_left, k, capacity[0])
   right, right_allow = _store(q_right, k, capacity[1])
   sub = Subspace(left, right, left_allow, right_allow, k.astype(jnp.int32))
-  return sub, svals
+  return sub, spectrum
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "dtype"))
-def _accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int], dtype: Any):
+def _accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int], dtype: Any,
+                cov: jax.Array | None = None):
   batch = w.shape[:-2]
   flat = lambda x, tail: x.reshape((-1,) + x.shape[len(batch):]) if tail else x.reshape(-1)
   wf = flat(w, True)
   kf = flat(k, False)
   pf = Subspace(flat(prev.left, True), flat(prev.right, True), flat(prev.left_allow, False),
                 flat(prev.right_allow, False), flat(prev.rank, False))
-  # One batched SVD over every stacked layer (DESIGN 5).
-  sub, svals = jax.vmap(lambda a, b, c: _accumulate_one(a, b, c, capacity))(wf, kf, pf)
+  # One batched decomposition over every stacked layer (DESIGN 5).
+  if cov is None:
+    sub, spectrum = jax.vmap(lambda a, b, c: _accumulate_one(a, b, c, capacity))(wf, kf, pf)
+  else:
+    sub, spectrum = jax.vmap(lambda a, b, c, d: _accumulate_one(a, b, c, capacity, d))(wf, kf, pf, flat(cov, True))
   unflat = lambda x: x.reshape(batch + x.shape[1:])
   sub = Subspace(unflat(sub.left).astype(dtype), unflat(sub.right).astype(dtype), unflat(sub.left_allow),
                  unflat(sub.right_allow), unflat(sub.rank))
-  return sub, unflat(svals)
+  return sub, unflat(spectrum)
 
 
 def _is_subspace_or_none(x: Any) -> bool:
@@ -289,7 +313,8 @@ def _ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
 
 def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
                       capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0,
-                      dtype: Any = jnp.float32, return_singular_values: bool = False) -> Any:
+                      dtype: Any = jnp.float32, return_singular_values: bool = False,
+                      covariances: Mapping[str, Any] | None = None) -> Any:
   """Protected subspaces for the selected matrices of ``params``.
 
   The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
@@ -307,7 +332,12 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     max_rank_ratio: with the default capacity, the largest rank (as a fraction of min(m, n)) the bases must hold;
       the rank policy's cap (e.g. trr) keeps the bases smaller than the weights.
     dtype: dtype of the stored bases.
-    return_singular_values: also return ``{path: singular values of the complement part}`` (for energy ranks).
+    return_singular_values: also return ``{path: spectrum}``: singular values of the complement part, or square
+      roots of the eigenvalues of the projected input covariance (for energy ranks).
+    covariances: basis source ``activations`` (DESIGN 4b) for the paths it names: ``{path: [..., n, n]}`` sums of
+      x x^T over calibration inputs of each matrix (x the matrix's input, W of shape [..., m, n] maps x to W x).
+      New right directions are the top eigenvectors of the covariance projected onto the complement; new left
+      directions those of the output covariance W C W^T. Other paths use the weights (the paper's source).
 
   Returns:
     A tree shaped like ``params`` with a ``Subspace`` at every selected matrix and None elsewhere (and the
@@ -323,6 +353,10 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
   if previous is not None:
     prev_by_path = tree_paths.flatten_with_paths(previous, is_leaf=_is_subspace_or_none)
   singular_values = {}
+  covariances = dict(covariances or {})
+  unknown_cov = sorted(set(covariances) - set(by_path))
+  if unknown_cov:
+    raise ValueError(f"covariances given for parameters without a rank: {unknown_cov[:5]}")
 
   def one(path: str, w: Any) -> Subspace | None:
     k = by_path.get(path)
@@ -361,7 +395,12 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
       if not representable(k_arr, dim, c).all():
         raise ValueError(f"rank {k_arr.tolist()} of {path!r} does not fit the {side} capacity {c} (dimension "
                          f"{dim}): a side stores min(k, dim - k) columns; use capacity >= {dim // 2}")
-    sub, svals = _accumulate(jnp.asarray(w), jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype)
+    cov = covariances.get(path)
+    if cov is not None and tuple(np.shape(cov)) != tuple(batch) + (n, n):
+      raise ValueError(f"input covariance of {path!r} has shape {tuple(np.shape(cov))}; expected "
+                       f"{tuple(batch) + (n, n)} (one n x n matrix per stacked matrix, n = its input size)")
+    sub, svals = _accumulate(jnp.asarray(w), jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
+                             None if cov is None else jnp.asarray(cov))
     singular_values[path] = svals
     return sub
 

@@ -199,3 +199,33 @@ def test_property_projection_invariants(m, n, layers, rank_frac, sides, seed):
   # A projection: applying it twice changes nothing.
   ppg = np.asarray(cj.project(cj.project(g, sub, sides), sub, sides)).reshape((-1, m, n))
   np.testing.assert_allclose(ppg, pg, atol=1e-5 * scale)
+
+
+def test_activation_source_protects_the_inputs_the_old_task_used():
+  """DESIGN 4b: right bases from the input covariance keep W x fixed for every old input x (GPM with sides=right)."""
+  rng = np.random.RandomState(0)
+  x_old = rng.randn(3, 64).T @ rng.randn(3, 10)  # 64 inputs in a 3-dim subspace of R^10
+  w0 = jnp.asarray(rng.randn(6, 10), jnp.float32)
+  cov = x_old.T @ x_old
+  subs = cj.compute_subspaces({"w": w0}, {"w": 3}, covariances={"w": cov})
+  tx = cj.constrained(optax.adam(5e-2), sides="right")
+  params = {"w": w0}
+  state = cj.set_subspaces(tx.init(params), subs)
+  for key in jax.random.split(jax.random.PRNGKey(0), 20):
+    u, state = tx.update({"w": jax.random.normal(key, (6, 10))}, state, params)
+    params = optax.apply_updates(params, u)
+  w1 = np.asarray(params["w"])
+  assert np.abs(w1 - np.asarray(w0)).max() > 0.3
+  np.testing.assert_allclose(x_old @ w1.T, x_old @ np.asarray(w0).T, atol=1e-4)
+  # Accumulating from a second task's inputs keeps the first subspace.
+  x_new = rng.randn(2, 64).T @ rng.randn(2, 10)
+  grown = cj.compute_subspaces(params, {"w": 5}, previous=subs, covariances={"w": x_new.T @ x_new})
+  v_old = np.asarray(cj.protected_basis(subs["w"], "right"))[:, :3]
+  v_new = np.asarray(cj.protected_basis(grown["w"], "right"))[:, :5]
+  assert _contains(v_new, v_old) < 1e-5
+  assert _contains(v_new, np.linalg.svd(x_new.T)[0][:, :2]) < 1e-4
+
+
+def test_covariance_of_wrong_shape_names_the_parameter():
+  with pytest.raises(ValueError, match=r"input covariance of 'w' has shape \(4, 4\); expected \(3, 3\)"):
+    cj.compute_subspaces({"w": np.ones((4, 3))}, {"w": 1}, covariances={"w": np.eye(4)})
