@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check clsvd_jax tests benchmarks tpu_scripts
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 tests
 
 demo: $(STAMP)
