@@ -1,0 +1,187 @@
+"""T5 family (v1.0, v1.1, flan-t5): the family module ``clsvd_jax.models`` dispatches to for ``model_type: t5``.
+
+Parameter paths (nested dict keys joined by "/"; layers stacked on axis 0):
+``shared/embedding`` [V, D]; ``{encoder,decoder}/layers/self_attn/{q,k,v,o}/weight``;
+``{encoder,decoder}/layers/{self_attn_norm,mlp_norm}/scale`` [L, D]; ``.../layers/mlp/{wi | wi_0, wi_1}/weight``
+[L, F, D] and ``.../layers/mlp/wo/weight`` [L, D, F]; ``decoder/layers/cross_attn/{q,k,v,o}/weight`` and
+``decoder/layers/cross_attn_norm/scale``; ``{encoder,decoder}/relative_attention_bias/embedding`` [buckets, H];
+``{encoder,decoder}/final_norm/scale`` [D]; ``lm_head/weight`` [V, D] only when untied.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clsvd_jax._src.tree_paths import flatten_with_paths
+from clsvd_jax.models.t5 import params as t5_params
+from clsvd_jax.models.t5.config import T5Config, config_from_hf, config_to_hf
+from clsvd_jax.models.t5.generate import generate
+from clsvd_jax.models.t5.model import (
+  T5Model,
+  block_states,
+  check_params,
+  flat_shapes,
+  forward,
+  init_params,
+  param_shapes,
+  shift_right,
+)
+
+MODEL_TYPES = ("t5",)
+Config = T5Config
+
+__all__ = [
+  "MODEL_TYPES", "Config", "T5Config", "T5Model", "config_from_hf", "config_to_hf", "load", "export", "init",
+  "generate", "functional", "update_model", "block_hidden_states", "constrained_matrices", "shift_right",
+  "param_shapes",
+]
+
+# Matrices the orthogonal-complement update constrains: attention projections and feed-forward weights.
+_CONSTRAINED = re.compile(r"/layers/(self_attn|cross_attn)/(q|k|v|o)/weight$|/layers/mlp/(wi|wi_0|wi_1|wo)/weight$")
+
+
+def init(config: T5Config, *, seed: int = 0, dtype: Any = jnp.float32) -> T5Model:
+  """A randomly initialised model (T5's initialisation scales)."""
+  return T5Model(config, init_params(config, seed=seed, dtype=dtype))
+
+
+def _reader_source(reader: Any) -> str:
+  path = getattr(reader, "path", None) or getattr(reader, "directory", None)
+  return str(path) if path is not None else "checkpoint"
+
+
+def _spec(path: str, ndim: int, partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.PartitionSpec:
+  """First rule whose regex ``re.search``-es the path wins; unmatched parameters are replicated."""
+  for pattern, spec in partition_rules or ():
+    if re.search(pattern, path):
+      spec = jax.sharding.PartitionSpec(*spec) if not isinstance(spec, jax.sharding.PartitionSpec) else spec
+      if len(spec) > ndim:
+        raise ValueError(f"partition rule {pattern!r} gives {spec} with {len(spec)} axes for {path!r}, "
+                         f"which has only {ndim}")
+      return spec
+  return jax.sharding.PartitionSpec()
+
+
+def _untie_if_distinct(reader: Any, config: T5Config, keys: set[str]) -> T5Config:
+  """transformers v5 writes ``tie_word_embeddings: true`` for every T5 and keeps a distinct ``lm_head.weight``
+  untied; v4-era files may also hold a copy of the embedding under that name. Follow what the tensors say."""
+  import dataclasses
+
+  if config.tie_word_embeddings and "lm_head.weight" in keys:
+    head = np.asarray(reader.get("lm_head.weight"))
+    shared = np.asarray(reader.get(_shared_name(reader, keys)))
+    if head.shape != shared.shape or not np.array_equal(head, shared):
+      return dataclasses.replace(config, tie_word_embeddings=False)
+  if not config.tie_word_embeddings and "lm_head.weight" not in keys:
+    # transformers v5 ties the head in this case too; do the same so both compute the same logits.
+    warnings.warn(f"{_reader_source(reader)}: config.json says tie_word_embeddings=false but the checkpoint has no "
+                  "'lm_head.weight'; using the shared embedding as the head (as transformers does)", stacklevel=3)
+    return dataclasses.replace(config, tie_word_embeddings=True)
+  return config
+
+
+def _shared_name(reader: Any, keys: set[str]) -> str:
+  for name in t5_params.SHARED_ALIASES:
+    if name in keys:
+      return name
+  raise KeyError(f"{_reader_source(reader)}: tensor 'shared.weight' (the token embedding) is missing from the "
+                 "checkpoint; a T5 checkpoint needs it (or 'encoder.embed_tokens.weight')")
+
+
+@functools.partial(jax.jit, static_argnames=("out_sharding",))
+def _stack_on(arrays: list[jax.Array], out_sharding: Any = None) -> jax.Array:
+  stacked = jnp.stack(arrays)
+  return stacked if out_sharding is None else jax.lax.with_sharding_constraint(stacked, out_sharding)
+
+
+def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+         partition_rules: Sequence[tuple[str, Any]] | None = None) -> T5Model:
+  """Builds a model from a Hugging Face T5 checkpoint.
+
+  Per-block tensors are read one by one (each with its slice of the stacked sharding when a mesh is given, so no
+  host holds a whole stacked array) and stacked on device.
+
+  Args:
+    reader: a ``clsvd_jax.models.checkpoint.CheckpointReader`` over the checkpoint directory.
+    config: the parsed config (``config_from_hf(reader.config)``).
+    dtype: parameter dtype (e.g. ``jnp.bfloat16``); tensors are cast while reading.
+    mesh: optional mesh to shard parameters on.
+    partition_rules: ``(regex over parameter path, PartitionSpec)`` pairs, first match wins, default replicated.
+      Specs are for our (stacked) paths, e.g. ``("layers/.*/q/weight", P(None, "tensor", "fsdp"))``.
+
+  Raises:
+    KeyError / ValueError: from the reader, naming the file and tensor, when a tensor is missing or misshaped.
+  """
+  keys = set(reader.keys())
+  config = _untie_if_distinct(reader, config, keys)
+  shapes = flat_shapes(config)
+  shared_name = _shared_name(reader, keys)
+  flat = {}
+  for entry in t5_params.key_map(config):
+    shape = shapes[entry.path]
+    sharding = sub_sharding = None
+    if mesh is not None:
+      spec = _spec(entry.path, len(shape), partition_rules)
+      sharding = jax.sharding.NamedSharding(mesh, spec)
+      sub_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(spec)[1:]))
+    if entry.stacked:
+      parts = [reader.get(name, dtype=dtype, sharding=sub_sharding, expected_shape=shape[1:])
+               for name in entry.hf_names]
+      flat[entry.path] = _stack_on(parts, out_sharding=sharding)
+    else:
+      name = shared_name if entry.path == "shared/embedding" else entry.hf_names[0]
+      flat[entry.path] = reader.get(name, dtype=dtype, sharding=sharding, expected_shape=shape)
+  return T5Model(config, t5_params.unflatten(flat))
+
+
+def export(model: T5Model) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """``(tensors by Hugging Face name, config.json dict)`` that transformers' ``T5ForConditionalGeneration`` loads."""
+  config = model.config
+  tensors = t5_params.to_hf(config, flatten_with_paths(model.params()))
+  hf_config = config_to_hf(config)
+  hf_config["dtype"] = jnp.dtype(model.dtype).name
+  return tensors, hf_config
+
+
+def functional(model: T5Model) -> tuple[Callable[..., jax.Array], dict[str, Any]]:
+  """``(apply_fn, params)``: ``apply_fn(params, input_ids, decoder_input_ids, attention_mask=None,
+  decoder_attention_mask=None)`` is pure, jittable, and equals ``model(...)``."""
+  return functools.partial(forward, config=model.config), model.params()
+
+
+def update_model(model: T5Model, params: dict[str, Any]) -> None:
+  """Writes a params dict (as returned by ``functional``) back into the model, in place.
+
+  Raises:
+    ValueError: naming the path of a missing, unexpected or misshaped parameter.
+  """
+  check_params(model.config, params)
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+
+
+def block_hidden_states(model: T5Model, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
+                        decoder_attention_mask: Any = None) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Inputs and outputs of every block: ``{"encoder/layers": (in, out), "decoder/layers": (in, out)}``.
+
+  Arrays are ``[L, B, T, D]`` (T the encoder or decoder length); used for block importance (cosine between a
+  block's input and output over real tokens).
+  """
+  as_ids = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  return block_states(model.params(), as_ids(input_ids), as_ids(decoder_input_ids), as_ids(attention_mask),
+                      as_ids(decoder_attention_mask), config=model.config)
+
+
+def constrained_matrices(model: T5Model) -> dict[str, tuple[int, ...]]:
+  """``{path: shape}`` of the attention (self and cross) and feed-forward matrices, stacked ``[L, out, in]``."""
+  return {p: s for p, s in flat_shapes(model.config).items() if _CONSTRAINED.search(p)}

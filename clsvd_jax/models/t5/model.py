@@ -1,0 +1,450 @@
+"""T5 encoder-decoder in Flax NNX, computing what transformers' PyTorch ``T5ForConditionalGeneration`` computes.
+
+The NNX modules only hold parameters; the network itself is a set of pure functions of a nested dict of arrays
+(``forward``, ``encode``, ``decode``), so ``model(...)``, the functional interface used by the runner and the
+sharding code, and greedy decoding all run the same code. Layers are stacked on a leading axis and run with
+``jax.lax.scan``: one compiled block per stack whatever the depth, and every matrix of a kind is one [L, out, in]
+array for the batched SVD of the subspace code.
+
+What parity with the reference depends on:
+* the relative position bias is computed once per stack (by the first block in the reference) and added to the
+  self-attention logits of every block; buckets are bidirectional in the encoder and causal in the decoder, and
+  cross-attention has no position bias;
+* attention logits are not scaled by ``1 / sqrt(d_kv)`` (the scale is folded into the initialisation of ``q``);
+* the layer norm is RMS-style: no mean subtraction, no bias, variance accumulated in float32;
+* v1.0 multiplies the decoder output by ``d_model ** -0.5`` before the (tied) head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clsvd_jax.models.t5.config import T5Config
+
+Params = dict[str, Any]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter containers (NNX). Attribute names are the parameter paths of the library's contract.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+  """A bias-free linear map with its weight in Hugging Face orientation ``[..., out, in]`` (``y = x @ W.T``)."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    self.weight = nnx.Param(p["weight"])
+
+
+class RMSNorm(nnx.Module):
+  """T5 layer norm scale."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    self.scale = nnx.Param(p["scale"])
+
+
+class Embed(nnx.Module):
+  """An embedding table ``[rows, features]``."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    self.embedding = nnx.Param(p["embedding"])
+
+
+class Attention(nnx.Module):
+  """Projections of one attention block (``q``, ``k``, ``v``: [.., H*d_kv, D]; ``o``: [.., D, H*d_kv])."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    self.q = Linear(p["q"])
+    self.k = Linear(p["k"])
+    self.v = Linear(p["v"])
+    self.o = Linear(p["o"])
+
+
+class FeedForward(nnx.Module):
+  """``wi`` + ``wo`` (ReLU, v1.0) or ``wi_0`` (activated) * ``wi_1`` + ``wo`` (gated, v1.1 / flan)."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    for name in ("wi", "wi_0", "wi_1"):
+      if name in p:
+        setattr(self, name, Linear(p[name]))
+    self.wo = Linear(p["wo"])
+
+
+class Blocks(nnx.Module):
+  """All blocks of one stack, every parameter stacked on a leading layer axis."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    self.self_attn = Attention(p["self_attn"])
+    self.self_attn_norm = RMSNorm(p["self_attn_norm"])
+    if "cross_attn" in p:
+      self.cross_attn = Attention(p["cross_attn"])
+      self.cross_attn_norm = RMSNorm(p["cross_attn_norm"])
+    self.mlp = FeedForward(p["mlp"])
+    self.mlp_norm = RMSNorm(p["mlp_norm"])
+
+
+class Stack(nnx.Module):
+  """Encoder or decoder: stacked blocks, the shared relative position bias and the final norm."""
+
+  def __init__(self, p: Mapping[str, Any]):
+    self.layers = Blocks(p["layers"])
+    self.relative_attention_bias = Embed(p["relative_attention_bias"])
+    self.final_norm = RMSNorm(p["final_norm"])
+
+
+class T5Model(nnx.Module):
+  """T5 for conditional generation.
+
+  Call as ``model(input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None)`` -> float32
+  logits ``[batch, decoder_length, vocab]``. Masks are 1 for real tokens and 0 for padding (either side works for
+  the encoder; the decoder is causal on top of its mask). ``model.config`` is the ``T5Config``.
+
+  Build one with ``clsvd_jax.models.t5.init`` (random), ``clsvd_jax.models.from_pretrained`` (a checkpoint), or
+  directly from a nested dict of arrays laid out as ``param_shapes(config)``.
+  """
+
+  def __init__(self, config: T5Config, params: Mapping[str, Any]):
+    check_params(config, params)
+    self.config = config
+    self.shared = Embed(params["shared"])
+    self.encoder = Stack(params["encoder"])
+    self.decoder = Stack(params["decoder"])
+    if not config.tie_word_embeddings:
+      self.lm_head = Linear(params["lm_head"])
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The parameters' dtype (that of the shared embedding)."""
+    return self.shared.embedding.value.dtype
+
+  def params(self) -> Params:
+    """The parameters as a nested dict of arrays (the functional view; no copy)."""
+    return nnx.state(self, nnx.Param).to_pure_dict()
+
+  def __call__(self, input_ids: jax.Array, decoder_input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               decoder_attention_mask: jax.Array | None = None) -> jax.Array:
+    return forward_jit(self.params(), input_ids, decoder_input_ids, attention_mask, decoder_attention_mask,
+                       config=self.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes and random initialisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _stack_shapes(config: T5Config, num_layers: int, cross: bool) -> Params:
+  d, f, inner, n = config.d_model, config.d_ff, config.inner_dim, num_layers
+  attn = lambda: {"q": {"weight": (n, inner, d)}, "k": {"weight": (n, inner, d)}, "v": {"weight": (n, inner, d)},
+                  "o": {"weight": (n, d, inner)}}
+  if config.is_gated_act:
+    mlp = {"wi_0": {"weight": (n, f, d)}, "wi_1": {"weight": (n, f, d)}, "wo": {"weight": (n, d, f)}}
+  else:
+    mlp = {"wi": {"weight": (n, f, d)}, "wo": {"weight": (n, d, f)}}
+  layers: Params = {"self_attn": attn(), "self_attn_norm": {"scale": (n, d)}}
+  if cross:
+    layers["cross_attn"] = attn()
+    layers["cross_attn_norm"] = {"scale": (n, d)}
+  layers["mlp"] = mlp
+  layers["mlp_norm"] = {"scale": (n, d)}
+  return {"layers": layers,
+          "relative_attention_bias": {"embedding": (config.relative_attention_num_buckets, config.num_heads)},
+          "final_norm": {"scale": (d,)}}
+
+
+def param_shapes(config: T5Config) -> Params:
+  """The nested dict of parameter shapes a model of this config has (the layout of ``T5Model.params()``)."""
+  shapes: Params = {
+    "shared": {"embedding": (config.vocab_size, config.d_model)},
+    "encoder": _stack_shapes(config, config.num_layers, cross=False),
+    "decoder": _stack_shapes(config, config.num_decoder_layers, cross=True),
+  }
+  if not config.tie_word_embeddings:
+    shapes["lm_head"] = {"weight": (config.vocab_size, config.d_model)}
+  return shapes
+
+
+def _is_shape(x: Any) -> bool:
+  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def flat_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
+  """``{"a/b/c": shape}`` for every parameter of this config."""
+  out = {}
+
+  def walk(prefix: str, node: Any):
+    if _is_shape(node):
+      out[prefix] = node
+      return
+    for k, v in node.items():
+      walk(f"{prefix}/{k}" if prefix else k, v)
+
+  walk("", param_shapes(config))
+  return out
+
+
+def check_params(config: T5Config, params: Mapping[str, Any]) -> None:
+  """Raises ``ValueError`` naming the first parameter path that is missing, unexpected or of the wrong shape."""
+  from clsvd_jax._src.tree_paths import flatten_with_paths
+
+  want = flat_shapes(config)
+  have = flatten_with_paths(params)
+  for path, shape in want.items():
+    if path not in have:
+      raise ValueError(f"T5 parameters lack {path!r} (expected shape {shape})")
+    if tuple(np.shape(have[path])) != shape:
+      raise ValueError(f"T5 parameter {path!r} has shape {tuple(np.shape(have[path]))}, expected {shape}")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ValueError(f"T5 parameters hold unexpected entries {extra} for this config "
+                     f"(tie_word_embeddings={config.tie_word_embeddings}, is_gated_act={config.is_gated_act})")
+
+
+def _init_std(config: T5Config, path: str) -> float | None:
+  """Standard deviation of the normal initialisation of T5 (None: ones, for norms)."""
+  d, f, inner = config.d_model, config.d_ff, config.inner_dim
+  if path.endswith("/scale"):
+    return None
+  if path in ("shared/embedding", "lm_head/weight"):
+    return 1.0
+  if path.endswith("relative_attention_bias/embedding"):
+    return d**-0.5
+  name = path.split("/")[-2]
+  # q absorbs the 1/sqrt(d_kv) the attention logits do not get.
+  return {"q": (d * config.d_kv) ** -0.5, "k": d**-0.5, "v": d**-0.5, "o": inner**-0.5, "wi": d**-0.5,
+          "wi_0": d**-0.5, "wi_1": d**-0.5, "wo": f**-0.5}[name]
+
+
+def init_params(config: T5Config, *, seed: int = 0, dtype: Any = jnp.float32) -> Params:
+  """Random parameters with T5's initialisation (normal with fan-in based scales, norms at one)."""
+  flat = flat_shapes(config)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  out: Params = {}
+  for key, (path, shape) in zip(keys, flat.items(), strict=True):
+    std = _init_std(config, path)
+    value = jnp.ones(shape, dtype) if std is None else (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network as pure functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """Bucket of each relative position ``key_pos - query_pos`` (Mesh TensorFlow's scheme, as T5 was trained).
+
+  Half of a direction's buckets hold exact small distances, the other half logarithmically wider ranges up to
+  ``max_distance``; farther distances share the last bucket. The float32 logarithm and truncation match the
+  reference bit for bit (a rounding difference would move a boundary distance into the neighbouring bucket).
+  """
+  rel = relative_position.astype(jnp.int32)
+  buckets = jnp.zeros_like(rel)
+  n = num_buckets
+  if bidirectional:
+    n //= 2
+    buckets = buckets + (rel > 0).astype(jnp.int32) * n
+    rel = jnp.abs(rel)
+  else:
+    rel = -jnp.minimum(rel, 0)
+  max_exact = n // 2
+  is_small = rel < max_exact
+  # maximum(rel, 1) keeps log finite where the small branch is taken anyway.
+  scaled = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+  large = max_exact + (scaled * (n - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, n - 1)
+  return buckets + jnp.where(is_small, rel, large)
+
+
+def position_bias(table: jax.Array, query_positions: jax.Array, key_length: int, *, bidirectional: bool,
+                  config: T5Config) -> jax.Array:
+  """Relative position bias ``[1, H, Tq, Tk]`` from the ``[num_buckets, H]`` table."""
+  rel = jnp.arange(key_length)[None, :] - query_positions[:, None]
+  bucket = relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
+                                    max_distance=config.relative_attention_max_distance)
+  return jnp.transpose(table[bucket], (2, 0, 1))[None]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """T5 layer norm: ``scale * x / rms(x)``, the mean of squares accumulated in float32, no centring, no bias."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  # Like the reference: normalised values take the scale's dtype before the multiply (a no-op in float32).
+  return scale * y.astype(scale.dtype)
+
+
+def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """``x @ weight.T`` for a ``[out, in]`` weight."""
+  return jnp.einsum("...i,oi->...o", x, weight)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+  """The ``dense_act_fn`` of the config."""
+  if name == "relu":
+    return jax.nn.relu(x)
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return jax.nn.gelu(x, approximate=True)
+  if name in ("silu", "swish"):
+    return jax.nn.silu(x)
+  raise ValueError(f"unsupported T5 activation {name!r}")
+
+
+def _heads(x: jax.Array, config: T5Config) -> jax.Array:
+  return x.reshape(*x.shape[:-1], config.num_heads, config.d_kv)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+  """Unscaled dot-product attention.
+
+  Args:
+    q: ``[B, Tq, H, dk]``; k, v: ``[B, Tk, H, dk]``.
+    bias: additive ``[1|B, H, Tq, Tk]`` or None.
+    mask: boolean, broadcastable to ``[B, H, Tq, Tk]``; False keys get no weight. A row without any allowed key
+      averages all keys (as the reference's additive minimum does) instead of producing NaN.
+
+  Returns:
+    ``[B, Tq, H * dk]`` in ``q``'s dtype.
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def _feed_forward(p: Params, x: jax.Array, config: T5Config) -> jax.Array:
+  if config.is_gated_act:
+    h = activation(config.dense_act_fn, linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
+  else:
+    h = activation(config.dense_act_fn, linear(x, p["wi"]["weight"]))
+  return linear(h.astype(p["wo"]["weight"].dtype), p["wo"]["weight"])
+
+
+def _self_attention(p: Params, x: jax.Array, bias: jax.Array, mask: jax.Array | None, config: T5Config) -> jax.Array:
+  q, k, v = (_heads(linear(x, p[n]["weight"]), config) for n in ("q", "k", "v"))
+  return linear(attend(q, k, v, bias, mask), p["o"]["weight"])
+
+
+def _cross_attention(p: Params, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
+                     config: T5Config) -> jax.Array:
+  q = _heads(linear(x, p["q"]["weight"]), config)
+  return linear(attend(q, keys, values, None, mask), p["o"]["weight"])
+
+
+def _run_blocks(layers: Params, x: jax.Array, block_fn: Any, collect: bool) -> tuple[jax.Array, Any]:
+  """Scans ``block_fn(layer_params, x) -> x`` over the stacked layers; ys = (input, output) per block if asked."""
+
+  def body(h, p):
+    out = block_fn(p, h)
+    return out, ((h, out) if collect else None)
+
+  return jax.lax.scan(body, x, layers)
+
+
+def _key_mask(mask: jax.Array | None) -> jax.Array | None:
+  """[B, T] padding mask -> boolean [B, 1, 1, T] over keys."""
+  return None if mask is None else (mask.astype(bool))[:, None, None, :]
+
+
+def encode(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, config: T5Config,
+           collect: bool = False) -> tuple[jax.Array, Any]:
+  """Encoder: returns the final hidden states ``[B, S, D]`` and, with ``collect``, per-block (inputs, outputs)."""
+  enc = params["encoder"]
+  x = params["shared"]["embedding"][input_ids]
+  length = input_ids.shape[1]
+  bias = position_bias(enc["relative_attention_bias"]["embedding"], jnp.arange(length), length,
+                       bidirectional=True, config=config)
+  mask = _key_mask(attention_mask)
+  eps = config.layer_norm_epsilon
+
+  def block(p, h):
+    h = h + _self_attention(p["self_attn"], rms_norm(h, p["self_attn_norm"]["scale"], eps), bias, mask, config)
+    return h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config)
+
+  x, states = _run_blocks(enc["layers"], x, block, collect)
+  return rms_norm(x, enc["final_norm"]["scale"], eps), states
+
+
+def decode(params: Params, decoder_input_ids: jax.Array, encoder_states: jax.Array,
+           attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
+           config: T5Config, collect: bool = False) -> tuple[jax.Array, Any]:
+  """Decoder over a whole target sequence (teacher forcing): final hidden states ``[B, T, D]`` (+ block states)."""
+  dec = params["decoder"]
+  x = params["shared"]["embedding"][decoder_input_ids]
+  length = decoder_input_ids.shape[1]
+  bias = position_bias(dec["relative_attention_bias"]["embedding"], jnp.arange(length), length,
+                       bidirectional=False, config=config)
+  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  self_mask = causal if decoder_attention_mask is None else causal & _key_mask(decoder_attention_mask)
+  cross_mask = _key_mask(attention_mask)
+  eps = config.layer_norm_epsilon
+
+  def block(p, h):
+    h = h + _self_attention(p["self_attn"], rms_norm(h, p["self_attn_norm"]["scale"], eps), bias, self_mask, config)
+    ca = p["cross_attn"]
+    keys = _heads(linear(encoder_states, ca["k"]["weight"]), config)
+    values = _heads(linear(encoder_states, ca["v"]["weight"]), config)
+    h = h + _cross_attention(ca, rms_norm(h, p["cross_attn_norm"]["scale"], eps), keys, values, cross_mask, config)
+    return h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config)
+
+  x, states = _run_blocks(dec["layers"], x, block, collect)
+  return rms_norm(x, dec["final_norm"]["scale"], eps), states
+
+
+def lm_logits(params: Params, hidden: jax.Array, config: T5Config) -> jax.Array:
+  """Float32 logits from final decoder states (v1.0: scaled by ``d_model ** -0.5`` first)."""
+  if config.scale_decoder_outputs:
+    hidden = hidden * (config.d_model**-0.5)
+  head = params["shared"]["embedding"] if config.tie_word_embeddings else params["lm_head"]["weight"]
+  return jnp.einsum("...d,vd->...v", hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Array,
+            attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
+            config: T5Config) -> jax.Array:
+  """Logits ``[B, T_dec, vocab]`` (float32): the pure function behind ``T5Model.__call__``."""
+  enc, _ = encode(params, input_ids, attention_mask, config=config)
+  dec, _ = decode(params, decoder_input_ids, enc, attention_mask, decoder_attention_mask, config=config)
+  return lm_logits(params, dec, config)
+
+
+forward_jit = jax.jit(forward, static_argnames=("config",))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def block_states(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Array,
+                 attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
+                 config: T5Config) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Input and output hidden states of every block, ``{"encoder/layers": (in, out), "decoder/layers": ...}``.
+
+  Each array is ``[L, B, T, D]``; block ``l``'s output is block ``l + 1``'s input.
+  """
+  enc, enc_states = encode(params, input_ids, attention_mask, config=config, collect=True)
+  _, dec_states = decode(params, decoder_input_ids, enc, attention_mask, decoder_attention_mask, config=config,
+                         collect=True)
+  return {"encoder/layers": enc_states, "decoder/layers": dec_states}
+
+
+def shift_right(labels: jax.Array, decoder_start_token_id: int, pad_token_id: int) -> jax.Array:
+  """Decoder inputs for teacher forcing: ``[start, labels[:-1]]`` with ignored labels (-100) turned into padding."""
+  labels = jnp.asarray(labels)
+  start = jnp.full((*labels.shape[:-1], 1), decoder_start_token_id, labels.dtype)
+  shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
+  return jnp.where(shifted == -100, jnp.asarray(pad_token_id, labels.dtype), shifted)
