@@ -59,16 +59,15 @@ def _reader_source(reader: Any) -> str:
   return str(path) if path is not None else "checkpoint"
 
 
-def _spec(path: str, ndim: int, partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.PartitionSpec:
-  """First rule whose regex ``re.search``-es the path wins; unmatched parameters are replicated."""
-  for pattern, spec in partition_rules or ():
-    if re.search(pattern, path):
-      spec = jax.sharding.PartitionSpec(*spec) if not isinstance(spec, jax.sharding.PartitionSpec) else spec
-      if len(spec) > ndim:
-        raise ValueError(f"partition rule {pattern!r} gives {spec} with {len(spec)} axes for {path!r}, "
-                         f"which has only {ndim}")
-      return spec
-  return jax.sharding.PartitionSpec()
+def _spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+          partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.PartitionSpec:
+  """The project's partition-rule semantics (``clsvd_jax.parallel.rules``): first matching regex wins, its spec
+  covers the trailing dims (the stacked layer axis stays whole), logical axes map to mesh axes, and a dim its mesh
+  axes do not divide is replicated."""
+  from clsvd_jax.parallel import rules as rules_lib  # models must not need the parallel package to import
+
+  rules = rules_lib.DEFAULT_RULES if partition_rules is None else tuple(partition_rules)
+  return rules_lib.spec_for(path, shape, mesh, rules)
 
 
 def _untie_if_distinct(reader: Any, config: T5Config, keys: set[str]) -> T5Config:
@@ -97,10 +96,11 @@ def _shared_name(reader: Any, keys: set[str]) -> str:
                  "checkpoint; a T5 checkpoint needs it (or 'encoder.embed_tokens.weight')")
 
 
-@functools.partial(jax.jit, static_argnames=("out_sharding",))
-def _stack_on(arrays: list[jax.Array], out_sharding: Any = None) -> jax.Array:
-  stacked = jnp.stack(arrays)
-  return stacked if out_sharding is None else jax.lax.with_sharding_constraint(stacked, out_sharding)
+def _stack_layers(arrays: list[jax.Array], sharding: jax.sharding.Sharding | None) -> jax.Array:
+  if sharding is None:
+    return jnp.stack(arrays)
+  # out_shardings (not a sharding constraint) works for Auto and Explicit mesh axes alike.
+  return jax.jit(jnp.stack, out_shardings=sharding)(arrays)
 
 
 def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
@@ -115,8 +115,9 @@ def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.s
     config: the parsed config (``config_from_hf(reader.config)``).
     dtype: parameter dtype (e.g. ``jnp.bfloat16``); tensors are cast while reading.
     mesh: optional mesh to shard parameters on.
-    partition_rules: ``(regex over parameter path, PartitionSpec)`` pairs, first match wins, default replicated.
-      Specs are for our (stacked) paths, e.g. ``("layers/.*/q/weight", P(None, "tensor", "fsdp"))``.
+    partition_rules: ``(regex over parameter path, spec)`` pairs as in ``clsvd_jax.parallel.rules`` (first match
+      wins; the spec names the trailing dims, e.g. ``(r"self_attn/q/weight$", ("tensor", "fsdp"))``); None uses
+      ``clsvd_jax.parallel.rules.DEFAULT_RULES``.
 
   Raises:
     KeyError / ValueError: from the reader, naming the file and tensor, when a tensor is missing or misshaped.
@@ -130,13 +131,14 @@ def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.s
     shape = shapes[entry.path]
     sharding = sub_sharding = None
     if mesh is not None:
-      spec = _spec(entry.path, len(shape), partition_rules)
-      sharding = jax.sharding.NamedSharding(mesh, spec)
-      sub_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(spec)[1:]))
+      spec = tuple(_spec(entry.path, shape, mesh, partition_rules))
+      spec = spec + (None,) * (len(shape) - len(spec))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+      sub_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[1:]))
     if entry.stacked:
       parts = [reader.get(name, dtype=dtype, sharding=sub_sharding, expected_shape=shape[1:])
                for name in entry.hf_names]
-      flat[entry.path] = _stack_on(parts, out_sharding=sharding)
+      flat[entry.path] = _stack_layers(parts, sharding)
     else:
       name = shared_name if entry.path == "shared/embedding" else entry.hf_names[0]
       flat[entry.path] = reader.get(name, dtype=dtype, sharding=sharding, expected_shape=shape)

@@ -223,12 +223,22 @@ def _init_std(config: T5Config, path: str) -> float | None:
 
 def init_params(config: T5Config, *, seed: int = 0, dtype: Any = jnp.float32) -> Params:
   """Random parameters with T5's initialisation (normal with fan-in based scales, norms at one)."""
+  return _init_params(config, jnp.asarray(seed, jnp.uint32), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _init_params(config: T5Config, seed: jax.Array, dtype: Any) -> Params:
+  # One draw for all tensors, sliced afterwards: a separate draw per tensor costs seconds of CPU compile time.
   flat = flat_shapes(config)
-  keys = jax.random.split(jax.random.key(seed), len(flat))
+  sizes = [math.prod(shape) for shape in flat.values()]
+  noise = jax.random.normal(jax.random.key(seed), (sum(sizes),), jnp.float32)
   out: Params = {}
-  for key, (path, shape) in zip(keys, flat.items(), strict=True):
+  offset = 0
+  for (path, shape), size in zip(flat.items(), sizes, strict=True):
     std = _init_std(config, path)
-    value = jnp.ones(shape, dtype) if std is None else (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    draw = noise[offset:offset + size].reshape(shape)
+    offset += size
+    value = jnp.ones(shape, dtype) if std is None else (std * draw).astype(dtype)
     node = out
     *parents, leaf = path.split("/")
     for p in parents:
