@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 import clsvd_jax
 from clsvd_jax._src import tree_paths
 from clsvd_jax.parallel import boundary as boundary_lib
+from clsvd_jax.parallel import checkpoint as checkpoint_lib
 from clsvd_jax.parallel import distributed
 from clsvd_jax.parallel import opt_state as opt_state_lib
 from clsvd_jax.parallel import rules as rules_lib
@@ -103,7 +104,9 @@ class Problem:
     self.params = tiny_llama_params(seed, **self.cfg)
     rng = np.random.default_rng(seed + 1)
     self.batches = [{"ids": rng.integers(0, self.cfg["vocab"], (batch, seq + 1)).astype(np.int32)}
-                    for _ in range(steps)]
+                    for _ in range(steps + 1)]
+    # One more batch for a run resumed from a checkpoint.
+    self.resume_batch = self.batches.pop()
     # Constrained matrices learn in their complement; embeddings, norms and head train freely so the whole tree
     # (an optax.partition state with MaskedNode gaps) is exercised.
     policy = clsvd_jax.ParamPolicy.from_config(train=[r"(embed_tokens|norm|lm_head)"])
@@ -113,6 +116,8 @@ class Problem:
     layers = self.cfg["layers"]
     self.ranks = {p: (np.arange(layers, dtype=np.int32) % 4) + 1
                   for p, on in tree_paths.flatten_with_paths(self.constrain_mask).items() if on}
+    # The next task's ranks: the subspaces grow from the trained weights (accumulation, DESIGN 3).
+    self.ranks_next = {p: k + 2 for p, k in self.ranks.items()}
     heads, kv = self.cfg["heads"], self.cfg["kv_heads"]
 
     def loss_fn(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -135,7 +140,12 @@ def run_reference(problem: Problem) -> dict[str, Any]:
   for batch in problem.batches:
     params, opt_state, metrics = step(params, opt_state, batch)
     losses.append(float(metrics["loss"]))
-  return {"losses": losses, "params": jax.device_get(params), "subspaces": jax.device_get(subs)}
+  subs_next = clsvd_jax.compute_subspaces(params, problem.ranks_next, previous=subs)
+  out = {"losses": losses, "params": jax.device_get(params), "subspaces": jax.device_get(subs),
+         "subspaces_next": jax.device_get(subs_next), "step": step}
+  params, opt_state, metrics = step(params, opt_state, problem.resume_batch)
+  out.update(resume_loss=float(metrics["loss"]), resume_params=jax.device_get(params))
+  return out
 
 
 def _gather(tree: Any) -> Any:
@@ -167,17 +177,26 @@ def compare(result: dict[str, Any], reference: dict[str, Any], params0: Any, tol
       errors.append(f"param {path}: max |sharded - single device| = {diff:.2e}")
   res_p = tree_paths.flatten_with_paths(result["params"])
   is_sub = lambda x: x is None or isinstance(x, clsvd_jax.Subspace)
-  ref_s = tree_paths.flatten_with_paths(reference["subspaces"], is_leaf=is_sub)
+  for key in ("subspaces", "subspaces_next"):
+    if result.get(key) is None:
+      continue
+    ref_s = tree_paths.flatten_with_paths(reference[key], is_leaf=is_sub)
+    for path, s in tree_paths.flatten_with_paths(result[key], is_leaf=is_sub).items():
+      if not isinstance(s, clsvd_jax.Subspace):
+        continue
+      r = ref_s[path]
+      if not np.array_equal(np.asarray(s.rank), np.asarray(r.rank)):
+        errors.append(f"{key} {path}: ranks {np.asarray(s.rank).tolist()} vs {np.asarray(r.rank).tolist()}")
+      for side in ("left", "right"):
+        pa = _projector(np.asarray(getattr(s, side)), np.asarray(getattr(s, f"{side}_allow")))
+        pb = _projector(np.asarray(getattr(r, side)), np.asarray(getattr(r, f"{side}_allow")))
+        if np.max(np.abs(pa - pb)) > 1e-4:
+          errors.append(f"{key} {path}/{side}: projector differs from the single-device one by "
+                        f"{np.max(np.abs(pa - pb)):.2e}")
+  # The invariant: the constrained update never touched the protected spans (U^T dW = 0, dW V = 0).
   for path, s in tree_paths.flatten_with_paths(result["subspaces"], is_leaf=is_sub).items():
     if not isinstance(s, clsvd_jax.Subspace):
       continue
-    r = ref_s[path]
-    for side in ("left", "right"):
-      pa = _projector(np.asarray(getattr(s, side)), np.asarray(getattr(s, f"{side}_allow")))
-      pb = _projector(np.asarray(getattr(r, side)), np.asarray(getattr(r, f"{side}_allow")))
-      if np.max(np.abs(pa - pb)) > 1e-4:
-        errors.append(f"subspace {path}/{side}: projector differs from the single-device one by "
-                      f"{np.max(np.abs(pa - pb)):.2e}")
     dw = np.asarray(res_p[path]) - np.asarray(p0[path])
     pu = _projector(np.asarray(s.left), np.asarray(s.left_allow))
     pv = _projector(np.asarray(s.right), np.asarray(s.right_allow))
@@ -188,8 +207,11 @@ def compare(result: dict[str, Any], reference: dict[str, Any], params0: Any, tol
   return errors
 
 
-def run_sharded(problem: Problem, mesh: Mesh, *, replicated_threshold: int = 256) -> dict[str, Any]:
+def run_sharded(problem: Problem, mesh: Mesh, *, replicated_threshold: int = 256,
+                next_boundary: bool = True) -> dict[str, Any]:
   """The same steps on ``mesh`` through the parallel API; also checks the layout of every array.
+
+  With ``next_boundary`` it also grows the subspaces from the trained weights (the next task's boundary).
 
   Every process calls it with the same ``problem`` (multi-host: each process feeds only its rows of the batch).
   """
@@ -211,6 +233,11 @@ def run_sharded(problem: Problem, mesh: Mesh, *, replicated_threshold: int = 256
   for path, x in tree_paths.flatten_with_paths(params).items():
     if x.sharding != want[path]:
       layout_errors.append(f"param {path} left the step as {x.sharding.spec}")
+  subs_next = None
+  if next_boundary:
+    subs_next = boundary_lib.compute_subspaces_sharded(params, problem.ranks_next,
+                                                       previous=clsvd_jax.get_subspaces(opt_state), mesh=mesh)
+    layout_errors += opt_state_lib.basis_sharding_errors(clsvd_jax.set_subspaces(opt_state, subs_next), params)
   model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
   replicated = []
   if model_parallel:
@@ -218,6 +245,7 @@ def run_sharded(problem: Problem, mesh: Mesh, *, replicated_threshold: int = 256
     replicated = (opt_state_lib.replicated_arrays(params, replicated_threshold)
                   + opt_state_lib.replicated_arrays(opt_state, replicated_threshold))
   return {"losses": losses, "params": _gather(params), "subspaces": _gather(clsvd_jax.get_subspaces(opt_state)),
+          "subspaces_next": None if subs_next is None else _gather(subs_next),
           "layout_errors": layout_errors, "replicated": replicated, "boundary_memory": memory,
           "state": (params, opt_state, p_sh, o_sh)}
 
@@ -234,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="axis sizes, e.g. data=2,fsdp=2,tensor=2")
   ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--tol", type=float, default=1e-4, help="max difference from the single-device run")
+  ap.add_argument("--checkpoint", help="also save the final state there (all processes write together)")
+  ap.add_argument("--dump", help="process 0 writes the final params there (.npz, keys = parameter paths)")
+  ap.add_argument("--report", help="process 0 also writes the JSON report to this file")
   args = ap.parse_args(argv)
   distributed.initialize_from_env()
   mesh = make_mesh(_parse_mesh(args.mesh))
@@ -242,13 +274,21 @@ def main(argv: list[str] | None = None) -> int:
                     layers=max(4, n // 2))
   result = run_sharded(problem, mesh)
   errors = result["layout_errors"] + [f"fully replicated: {r}" for r in result["replicated"]]
+  if args.checkpoint:
+    params, opt_state = result["state"][:2]
+    checkpoint_lib.save_sharded(args.checkpoint, {"params": params, "opt_state": opt_state})
+  if args.dump and distributed.is_main_process():
+    np.savez(args.dump, **tree_paths.flatten_with_paths(result["params"]))
   if distributed.is_main_process():
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
       reference = run_reference(problem)
-    errors += compare(result, reference, problem.params, tol=1e-4)
+    errors += compare(result, reference, problem.params, tol=args.tol)
     report = {"ok": not errors, "mesh": dict(mesh.shape), "devices": n, "processes": jax.process_count(),
               "losses": result["losses"], "boundary_memory": result["boundary_memory"], "errors": errors}
     print(json.dumps(report, indent=1))
+    if args.report:
+      with open(args.report, "w") as f:
+        json.dump(report, f, indent=1)
   return 0 if not errors else 1
 
 
