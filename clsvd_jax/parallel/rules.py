@@ -155,7 +155,7 @@ def fit_spec(path: str, shape: Sequence[int], trailing: Sequence[SpecEntry], mes
     if shape[dim] % total:
       if notes is not None:
         notes.append(Fallback(path, dim, shape[dim], axes,
-                              f"size does not divide {'x'.join(axes)} = {total}: replicated on that dim"))
+                              f"size does not divide {' x '.join(axes)} = {total}: replicated on that dim"))
       entries.append(None)
       continue
     used.update(axes)
@@ -270,7 +270,7 @@ def batch_shardings(mesh: Mesh, batch: Any, batch_axes: Sequence[str] = BATCH_AX
     shape = np.shape(x)
     if not shape or shape[0] % total:
       raise ValueError(f"batch array {path or '<batch>'!r} has shape {tuple(shape)}: its leading (batch) dim must be "
-                       f"a multiple of {'x'.join(batch_axes)} = {total} devices; change the batch size or the mesh")
+                       f"a multiple of {' x '.join(batch_axes)} = {total} devices; change the batch size or the mesh")
     return NamedSharding(mesh, batch_spec(len(shape), batch_axes))
 
   return tree_paths.map_with_paths(one, batch)
