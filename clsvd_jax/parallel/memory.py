@@ -176,6 +176,12 @@ def _shard_elems(shape: Sequence[int], spec: Any, sizes: Mapping[str, int]) -> i
   return total
 
 
+def spec_tail(spec: Any, ndim: int, dim: int) -> Any:
+  """Entry ``dim`` of a PartitionSpec padded to ``ndim`` dims."""
+  entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+  return entries[dim]
+
+
 def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[int] | None = None,
                   dtype: Any = "float32", *, moment_dtype: Any = None, basis_dtype: Any = "float32",
                   devices: int | None = None, accelerator: str | None = None, policy: ParamPolicy | None = None,
@@ -236,6 +242,12 @@ def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[in
       *batch, rows, cols = shape
       c_left, c_right = default_capacity(rows, cols, max_rank_ratio)
       sub = subspace_specs(spec, tuple(shape), (c_left, c_right), sizes)
+      for side, c, want, got in (("left", c_left, spec_tail(spec, len(shape), -1), sub.left[-1]),
+                                 ("right", c_right, spec_tail(spec, len(shape), -2), sub.right[-1])):
+        if want is not None and got is None:
+          notes.append(rules_lib.Fallback(path, None, None, (), f"{side} basis capacity {c} does not divide the "
+                                          f"axes {want}: its columns are replicated (pick a rank cap whose capacity "
+                                          "divides them)"))
       for bshape, bspec in ((tuple(batch) + (rows, c_left), sub.left), (tuple(batch) + (cols, c_right), sub.right)):
         counts["basis"] += int(np.prod(bshape))
         per["bases"] += _shard_elems(bshape, bspec, sizes) * b_bytes

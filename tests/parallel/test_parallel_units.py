@@ -230,6 +230,9 @@ def test_memory_dtypes_and_mesh_without_devices():
   r = memory.memory_report("t5-large", [2, 4, 2], dtype="bfloat16", moment_dtype="float32")
   assert r["devices"] == 16
   assert r["dtypes"] == {"params": "bfloat16", "moments": "float32", "bases": "float32"}
+  # A rank cap of 0.8 gives the MLP bases 3277 columns, which fsdp=8 does not divide: reported, not hidden.
+  r = memory.memory_report("llama-2-7b", {"fsdp": -1, "tensor": 4}, accelerator="v5p-64", max_rank_ratio=0.8)
+  assert any("capacity 3277" in f and "gate_proj" in f for f in r["fallbacks"])
   with pytest.raises(ValueError, match="give devices=N"):
     memory.memory_report("t5-large", {"fsdp": -1})
   with pytest.raises(ValueError, match="unknown accelerator"):
