@@ -120,6 +120,8 @@ def train_command(a: argparse.Namespace) -> str:
     args += ["--set", f"{CHECKPOINT_KEY}={a.bucket.rstrip('/')}/{a.run_name}/checkpoints"]
   for kv in a.set or []:
     args += ["--set", shlex.quote(kv)]
+  if a.resume:
+    args.append("--resume")
   env = " ".join(["CLSVD_DISTRIBUTED=1", a.env]).strip()
   return f"mkdir -p {_run_dir(a)} && cd {REMOTE_SRC} && {env} {' '.join(args)}"
 
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run config, relative to the repo (or absolute on the workers)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--env", default="", help="extra environment for the run, e.g. 'XLA_FLAGS=...'")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in checkpoint_dir")
 
   def fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest", default="results", help="local directory for the results")

@@ -66,7 +66,7 @@ def test_each_script_dry_run(script, args, want):
 
 
 def test_launch_detached_quotes_user_values():
-  proc = dry(*V4, "--config", "configs/a b.yaml", "--set", "train.lr=1e-4", "--env", "XLA_FLAGS=--x",
+  proc = dry(*V4, "--config", "configs/a b.yaml", "--set", "train.lr=1e-4", "--env", "XLA_FLAGS=--x", "--resume",
              script="launch")
   assert proc.returncode == 0, proc.stderr
   argv = shlex.split(proc.stdout.strip())
@@ -83,6 +83,7 @@ def test_launch_detached_quotes_user_values():
   assert "CLSVD_DISTRIBUTED=1" in run and "XLA_FLAGS=--x" in run
   sets = [run[i + 1] for i, x in enumerate(run) if x == "--set"]
   assert sets == ["output_dir=$HOME/runs/run", "train.lr=1e-4"]
+  assert run[-1] == "--resume"
 
 
 def test_settings_from_environment_and_errors():
@@ -96,3 +97,11 @@ def test_settings_from_environment_and_errors():
   assert bad.returncode != 0 and "must be a gs:// URL" in bad.stderr
   gen = dry("create", *V4, "--accelerator-type", "v9-8")
   assert gen.returncode != 0 and "unknown TPU generation" in gen.stderr
+
+
+def test_readme_shows_the_real_dry_run():
+  text = (SCRIPTS / "README.md").read_text()
+  block = text.split("The dry run prints exactly:\n\n```\n", 1)[1].split("```", 1)[0]
+  proc = dry("run", *V4, "--accelerator-type", "v4-32", "--bucket", "gs://my-bucket", "--config",
+             "configs/t5_large_order1.yaml", "--run-name", "t5-order1")
+  assert block.replace("/path/to/clsvd_jax", str(ROOT)) == proc.stdout
