@@ -2,6 +2,7 @@
 distributed config from the environment, host slices and the memory arithmetic (no devices needed)."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -267,3 +268,15 @@ def test_model_config_errors(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
   with pytest.raises(ValueError, match="model_type 'gpt2'"):
     memory.model_shapes(str(tmp_path))
+
+
+def test_scaling_doc_example_runs():
+  text = (Path(__file__).resolve().parents[2] / "docs" / "scaling.md").read_text()
+  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  scope: dict = {}
+  exec(compile(code, "docs/scaling.md", "exec"), scope)
+  assert np.isfinite(float(scope["metrics"]["loss"]))
+  # ``subs`` went into the donated optimizer state: read the subspaces back from the new state.
+  sub = clsvd_jax.get_subspaces(scope["opt_state"])["layers"]["mlp"]["up_proj"]["weight"]
+  assert np.asarray(sub.rank).tolist() == [8, 8, 8, 8]
+  assert scope["boundary_bytes"] is None or scope["boundary_bytes"]["peak"] > 0
