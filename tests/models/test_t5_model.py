@@ -185,7 +185,7 @@ def test_block_hidden_states(gated):
   assert dec_in.shape == dec_out.shape == (3, 3, 5, 32)
   np.testing.assert_allclose(enc_in[1:], enc_out[:-1])
   np.testing.assert_allclose(dec_in[1:], dec_out[:-1])
-  emb = np.asarray(model.shared.embedding.value)
+  emb = np.asarray(model.shared.embedding.get_value())
   np.testing.assert_allclose(enc_in[0], emb[ids])
   np.testing.assert_allclose(dec_in[0], emb[dec])
   params = model.params()

@@ -122,11 +122,11 @@ class T5Model(nnx.Module):
   @property
   def dtype(self) -> jnp.dtype:
     """The parameters' dtype (that of the shared embedding)."""
-    return self.shared.embedding.value.dtype
+    return self.shared.embedding.get_value().dtype
 
   def params(self) -> Params:
     """The parameters as a nested dict of arrays (the functional view; no copy)."""
-    return nnx.state(self, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   def __call__(self, input_ids: jax.Array, decoder_input_ids: jax.Array, attention_mask: jax.Array | None = None,
                decoder_attention_mask: jax.Array | None = None) -> jax.Array:
