@@ -173,10 +173,16 @@ def basis_sharding_errors(opt_state: Any, params: Any) -> list[str]:
   return errors
 
 
-def replicated_arrays(tree: Any, threshold: int) -> list[str]:
-  """Paths of arrays with at least ``threshold`` elements that are fully replicated on a mesh of several devices."""
+def replicated_arrays(tree: Any, threshold: int, ignore: Any = ()) -> list[str]:
+  """Paths of arrays with at least ``threshold`` elements that are fully replicated on a mesh of several devices.
+
+  ``ignore``: parameter paths replicated on purpose; state leaves whose path ends with one of them are skipped.
+  """
+  ignore = tuple(ignore)
   out = []
   for path, x in tree_paths.flatten_with_paths(tree).items():
+    if any(path == p or path.endswith("/" + p) for p in ignore):
+      continue
     if isinstance(x, jax.Array) and x.size >= threshold and len(x.sharding.device_set) > 1:
       if x.sharding.is_fully_replicated:
         out.append(f"{path} {tuple(x.shape)}")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import clsvd_jax
 from clsvd_jax._src import tree_paths
@@ -99,7 +99,8 @@ def tiny_llama_apply(params: dict[str, Any], ids: jax.Array, *, heads: int, kv_h
 class Problem:
   """Tiny model, optimizer, batches and ranks shared by the reference and the sharded runs."""
 
-  def __init__(self, seed: int = 0, batch: int = 8, seq: int = 8, steps: int = 5, **cfg: int):
+  def __init__(self, seed: int = 0, batch: int = 8, seq: int = 8, steps: int = 5, lr: float = 1e-3,
+               eps: float = 1e-3, **cfg: int):
     self.cfg = {**TINY, **cfg}
     self.params = tiny_llama_params(seed, **self.cfg)
     rng = np.random.default_rng(seed + 1)
@@ -111,8 +112,12 @@ class Problem:
     # (an optax.partition state with MaskedNode gaps) is exercised.
     policy = clsvd_jax.ParamPolicy.from_config(train=[r"(embed_tokens|norm|lm_head)"])
     self.constrain_mask = policy.mask(self.params)
-    self.tx = policy.partition(clsvd_jax.constrained(optax.adamw(1e-2, weight_decay=0.01)),
-                               train=optax.adamw(1e-2))
+    # Adam divides by sqrt(v) + eps, so an entry's update moves by up to lr / eps times the rounding error of its
+    # gradient (with the usual eps = 1e-8, a gradient that is ~0 up to rounding moves by +-lr depending on the
+    # reduction order). lr / eps = 1 keeps the comparison with one device well conditioned; |g| >> eps still
+    # takes steps of ~lr.
+    self.tx = policy.partition(clsvd_jax.constrained(optax.adamw(lr, eps=eps, weight_decay=0.01)),
+                               train=optax.adamw(lr, eps=eps))
     layers = self.cfg["layers"]
     self.ranks = {p: (np.arange(layers, dtype=np.int32) % 4) + 1
                   for p, on in tree_paths.flatten_with_paths(self.constrain_mask).items() if on}
@@ -241,13 +246,26 @@ def run_sharded(problem: Problem, mesh: Mesh, *, replicated_threshold: int = 256
   model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
   replicated = []
   if model_parallel:
-    # On a pure data-parallel mesh replication is the point; elsewhere nothing large may be whole on every device.
-    replicated = (opt_state_lib.replicated_arrays(params, replicated_threshold)
-                  + opt_state_lib.replicated_arrays(opt_state, replicated_threshold))
+    # On a pure data-parallel mesh replication is the point; elsewhere nothing large may be whole on every device,
+    # except what the rules replicate on purpose (norm scales) and their moments.
+    specs, notes = rules_lib.param_specs(problem.params, mesh, return_report=True)
+    on_purpose = {p for p, sp in tree_paths.flatten_with_paths(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+                                                               ).items() if all(e is None for e in sp)}
+    on_purpose -= {n.path for n in notes}
+    replicated = (opt_state_lib.replicated_arrays(params, replicated_threshold, ignore=on_purpose)
+                  + opt_state_lib.replicated_arrays(opt_state, replicated_threshold, ignore=on_purpose))
   return {"losses": losses, "params": _gather(params), "subspaces": _gather(clsvd_jax.get_subspaces(opt_state)),
           "subspaces_next": None if subs_next is None else _gather(subs_next),
           "layout_errors": layout_errors, "replicated": replicated, "boundary_memory": memory,
           "state": (params, opt_state, p_sh, o_sh)}
+
+
+def problem_for_mesh(sizes: dict[str, int], steps: int = 5) -> Problem:
+  """A tiny problem whose every sharded dim divides the mesh axes (so nothing falls back to replication)."""
+  d, f, t = sizes.get("data", 1), sizes.get("fsdp", 1), sizes.get("tensor", 1)
+  n = d * f * t
+  return Problem(steps=steps, batch=max(8, 2 * d * f), layers=max(4, n // 2), dim=16 * f * t, heads=4 * t,
+                 kv_heads=2 * t, head_dim=4, ffn=32 * f * t, vocab=64 * f * t)
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
@@ -270,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
   distributed.initialize_from_env()
   mesh = make_mesh(_parse_mesh(args.mesh))
   n = int(np.prod(list(mesh.shape.values())))
-  problem = Problem(steps=args.steps, batch=max(8, 2 * mesh.shape["data"] * mesh.shape["fsdp"]),
-                    layers=max(4, n // 2))
+  problem = problem_for_mesh(dict(mesh.shape), steps=args.steps)
   result = run_sharded(problem, mesh)
   errors = result["layout_errors"] + [f"fully replicated: {r}" for r in result["replicated"]]
   if args.checkpoint:

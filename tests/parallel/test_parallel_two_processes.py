@@ -52,7 +52,7 @@ def test_two_processes_agree_with_one(tmp_path):
   assert '"ok"' in outs[0][0] and '"ok"' not in outs[1][0], "only process 0 prints the report"
 
   # The checkpoint written by both hosts restores in this single-device process.
-  problem = selfcheck.Problem(batch=8, layers=4)
+  problem = selfcheck.problem_for_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   abstract_params = jax.eval_shape(lambda: problem.params)
   target = {"params": checkpoint.abstract_state(abstract_params, jax.sharding.SingleDeviceSharding(jax.devices()[0])),
             "opt_state": checkpoint.abstract_state(jax.eval_shape(problem.tx.init, problem.params),
