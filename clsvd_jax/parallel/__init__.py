@@ -21,7 +21,13 @@ from clsvd_jax.parallel.distributed import (
     is_main_process,
     make_global_array,
 )
-from clsvd_jax.parallel.memory import format_memory_report, memory_report
+from clsvd_jax.parallel.memory import (
+    accelerator_devices,
+    format_memory_report,
+    load_model_config,
+    memory_report,
+    model_shapes,
+)
 from clsvd_jax.parallel.mesh import AXES, make_mesh, mesh_shape, resolve_mesh_shape
 from clsvd_jax.parallel.opt_state import (
     basis_sharding_errors,
@@ -53,6 +59,7 @@ __all__ = [
     "LLAMA_RULES",
     "T5_RULES",
     "abstract_state",
+    "accelerator_devices",
     "activation_sharding",
     "basis_sharding_errors",
     "batch_shardings",
@@ -67,12 +74,14 @@ __all__ = [
     "initialize_from_env",
     "is_main_process",
     "jit_train_step",
+    "load_model_config",
     "make_global_array",
     "make_mesh",
     "make_step",
     "memory_report",
     "memory_stats",
     "mesh_shape",
+    "model_shapes",
     "opt_state_shardings",
     "opt_state_specs",
     "param_shardings",

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ENV_FLAG = "CLSVD_DISTRIBUTED"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+_INIT_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids", "initialization_timeout")
 
 
 def _multi(env: Mapping[str, str], key: str) -> bool:
@@ -54,19 +55,16 @@ def distributed_config(config: Mapping[str, Any] | None = None, env: Mapping[str
   env = os.environ if env is None else env
   cfg = dict(config or {})
   enabled = cfg.pop("enabled", "auto")
-  if isinstance(enabled, str) and enabled.lower() in _FALSE or enabled is False:
-    return None
-  explicit = {k: cfg[k] for k in ("coordinator_address", "num_processes", "process_id", "local_device_ids",
-                                  "initialization_timeout") if cfg.get(k) is not None}
-  unknown = sorted(set(cfg) - set(explicit) - {"coordinator_address", "num_processes", "process_id",
-                                               "local_device_ids", "initialization_timeout"})
+  unknown = sorted(set(cfg) - set(_INIT_KEYS))
   if unknown:
-    raise ValueError(f"distributed config: unknown field(s) {unknown}; known: enabled, coordinator_address, "
-                     "num_processes, process_id, local_device_ids, initialization_timeout")
+    raise ValueError(f"distributed config: unknown field(s) {unknown}; known: enabled, {', '.join(_INIT_KEYS)}")
+  if enabled is False or (isinstance(enabled, str) and enabled.lower() in _FALSE):
+    return None
+  explicit = {k: v for k, v in cfg.items() if v is not None}
   if explicit or enabled is True or (isinstance(enabled, str) and enabled.lower() in _TRUE):
     return explicit
   flag = env.get(ENV_FLAG, "").strip().lower()
-  if flag in _FALSE and flag:
+  if flag in _FALSE:
     return None
   if env.get("JAX_COORDINATOR_ADDRESS"):
     out: dict[str, Any] = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
