@@ -107,23 +107,28 @@ def cmd_install(a: argparse.Namespace, sh: Shell) -> None:
   sh(_ssh(a, install_script()))
 
 
-# Config keys the runner (clsvd train) reads for its output and checkpoint directories.
-OUTPUT_KEY = "output_dir"
-CHECKPOINT_KEY = "checkpoint_dir"
+# The runner's config key for its output folder (results, plots, logs and Orbax checkpoints).
+RUN_DIR_KEY = "run_dir"
+
+
+def remote_run_dir(a: argparse.Namespace) -> str:
+  """Where the run writes: the bucket when given (Orbax needs one directory that every host of a pod writes to),
+  else the home directory of each worker (fine on a single-host VM)."""
+  if a.bucket:
+    return f"{a.bucket.rstrip('/')}/{a.run_name}"
+  return f"$HOME/{_run_dir(a)}"
 
 
 def train_command(a: argparse.Namespace) -> str:
   """The worker-side command line of one run: the same on every host (JAX's multi-controller model)."""
-  args = [f"{VENV}/bin/clsvd", "train", shlex.quote(a.config), "--set", f"{OUTPUT_KEY}=$HOME/{_run_dir(a)}"]
-  if a.bucket:
-    # Orbax needs one directory that every host writes to: the bucket.
-    args += ["--set", f"{CHECKPOINT_KEY}={a.bucket.rstrip('/')}/{a.run_name}/checkpoints"]
+  args = [f"{VENV}/bin/clsvd", "train", shlex.quote(a.config), "--set", f"{RUN_DIR_KEY}={remote_run_dir(a)}"]
   for kv in a.set or []:
     args += ["--set", shlex.quote(kv)]
   if a.resume:
     args.append("--resume")
   env = " ".join(["CLSVD_DISTRIBUTED=1", a.env]).strip()
-  return f"mkdir -p {_run_dir(a)} && cd {REMOTE_SRC} && {env} {' '.join(args)}"
+  mkdir = "" if a.bucket else f"mkdir -p {_run_dir(a)} && "
+  return f"{mkdir}cd {REMOTE_SRC} && {env} {' '.join(args)}"
 
 
 def cmd_launch(a: argparse.Namespace, sh: Shell) -> None:
@@ -145,12 +150,13 @@ def cmd_logs(a: argparse.Namespace, sh: Shell) -> None:
 
 
 def cmd_fetch(a: argparse.Namespace, sh: Shell) -> None:
-  """Results (metrics, results.json, plots) are written by process 0, on worker 0."""
-  if a.bucket:
-    # Keep a copy next to the checkpoints before the slice goes away.
-    sh(_ssh(a, f"gcloud storage cp -r {_run_dir(a)} {a.bucket.rstrip('/')}/{a.run_name}/results", worker="0"))
+  """Copies the run directory (results.json, R.csv, plots, logs) to DEST/RUN."""
   sh(["mkdir", "-p", a.dest])
-  sh(_tpu(a, "scp", "--recurse", f"{a.name}:{_run_dir(a)}", a.dest, "--worker=0"))
+  if a.bucket:
+    sh(["gcloud", "storage", "cp", "-r", f"{a.bucket.rstrip('/')}/{a.run_name}", a.dest])
+  else:
+    # Process 0, on worker 0, writes the results.
+    sh(_tpu(a, "scp", "--recurse", f"{a.name}:{_run_dir(a)}", a.dest, "--worker=0"))
 
 
 def cmd_delete(a: argparse.Namespace, sh: Shell) -> None:
@@ -184,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument("--project", default=env("CLSVD_TPU_PROJECT"), help="GCP project (default: gcloud config)")
   common.add_argument("--dry-run", action="store_true", help="print every command instead of running it")
   common.add_argument("--bucket", default=env("CLSVD_TPU_BUCKET"),
-                      help="gs://bucket for checkpoints and results (needed on multi-host slices)")
-  common.add_argument("--run-name", default="run", help="run directory name (~/runs/NAME on the workers, "
-                      "BUCKET/NAME/checkpoints, DEST/NAME here)")
+                      help="gs://bucket: the run writes results and checkpoints to BUCKET/RUN (needed on multi-host "
+                      "slices: every host writes its checkpoint shards there)")
+  common.add_argument("--run-name", default="run", help="run directory name (BUCKET/NAME, else ~/runs/NAME on "
+                      "the workers; DEST/NAME here)")
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
   p = add("logs", "stream the run log of a worker")
   p.add_argument("--worker", default="0", help="worker index or 'all'")
-  fetch_args(add("fetch", "copy results back from worker 0 (and into the bucket, when given)"))
+  fetch_args(add("fetch", "copy results back (from the bucket when given, else from worker 0)"))
   add("delete", "delete the TPU VM / slice")
   add("status", "describe the TPU VM / slice")
   p = add("run", "create, install, launch (attached), fetch, delete")

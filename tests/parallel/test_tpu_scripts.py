@@ -30,18 +30,17 @@ def test_v4_32_worked_example_full_run():
              "~/clsvd-venv/bin/pip install -q -U '\"'\"'jax[tpu]'\"'\"' && ~/clsvd-venv/bin/pip install -q -e "
              "~/clsvd_jax && ~/clsvd-venv/bin/python -c '\"'\"'import jax, clsvd_jax; print(jax.process_index(), "
              "jax.device_count())'\"'\"'")
-  train = ("set -o pipefail; ( mkdir -p runs/t5-order1 && cd ~/clsvd_jax && CLSVD_DISTRIBUTED=1 "
-           "~/clsvd-venv/bin/clsvd train configs/t5_large_order1.yaml --set output_dir=$HOME/runs/t5-order1 "
-           "--set checkpoint_dir=gs://my-bucket/t5-order1/checkpoints ) 2>&1 | tee ~/clsvd_run.log")
+  # With a bucket the whole run directory (results and Orbax checkpoints, written by every host) lives there.
+  train = ("set -o pipefail; ( cd ~/clsvd_jax && CLSVD_DISTRIBUTED=1 ~/clsvd-venv/bin/clsvd train "
+           "configs/t5_large_order1.yaml --set run_dir=gs://my-bucket/t5-order1 ) 2>&1 | tee ~/clsvd_run.log")
   assert lines == [
       f"gcloud compute tpus tpu-vm create clsvd-t5 --accelerator-type=v4-32 --version=tpu-ubuntu2204-base {LOC}",
       f"git -C {ROOT} archive --format=tar.gz -o /tmp/clsvd_jax-clsvd-t5.tar.gz HEAD",
       f"gcloud compute tpus tpu-vm scp /tmp/clsvd_jax-clsvd-t5.tar.gz clsvd-t5:clsvd_jax.tar.gz --worker=all {LOC}",
       f"{ssh} --worker=all '--command={install}' {LOC}",
       f"{ssh} --worker=all '--command={train}' {LOC}",
-      f"{ssh} --worker=0 '--command=gcloud storage cp -r runs/t5-order1 gs://my-bucket/t5-order1/results' {LOC}",
       "mkdir -p results",
-      f"gcloud compute tpus tpu-vm scp --recurse clsvd-t5:runs/t5-order1 results --worker=0 {LOC}",
+      "gcloud storage cp -r gs://my-bucket/t5-order1 results",
       f"gcloud compute tpus tpu-vm delete clsvd-t5 --quiet {LOC}",
   ]
 
@@ -82,8 +81,16 @@ def test_launch_detached_quotes_user_values():
   assert run[run.index("train") - 1] == "~/clsvd-venv/bin/clsvd"
   assert "CLSVD_DISTRIBUTED=1" in run and "XLA_FLAGS=--x" in run
   sets = [run[i + 1] for i, x in enumerate(run) if x == "--set"]
-  assert sets == ["output_dir=$HOME/runs/run", "train.lr=1e-4"]
+  # Without a bucket the run writes to each worker's home (a single-host VM).
+  assert run[:3] == ["mkdir", "-p", "runs/run"]
+  assert sets == ["run_dir=$HOME/runs/run", "train.lr=1e-4"]
   assert run[-1] == "--resume"
+
+
+def test_fetch_without_bucket_copies_from_worker_0():
+  proc = dry(*V4, "--run-name", "r1", "--dest", "out", script="fetch")
+  assert proc.stdout.strip().splitlines() == [
+      "mkdir -p out", f"gcloud compute tpus tpu-vm scp --recurse clsvd-t5:runs/r1 out --worker=0 {LOC}"]
 
 
 def test_settings_from_environment_and_errors():
