@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run config, relative to the repo (or absolute on the workers)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--env", default="", help="extra environment for the run, e.g. 'XLA_FLAGS=...'")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in checkpoint_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in the run directory")
 
   def fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest", default="results", help="local directory for the results")
