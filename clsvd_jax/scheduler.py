@@ -1,0 +1,386 @@
+"""The task scheduler: what happens at a task boundary of the constrained method (DESIGN 3, 4, 4b).
+
+Before each task the scheduler
+
+1. measures block importance on a calibration batch: the cosine between every block's input and output hidden
+   state, averaged over the non-pad tokens, turned into ``1 - cos`` (default) or ``cos`` and min-max normalised
+   across all blocks of the model to [0, 1];
+2. turns it into protected ranks with the configured rank policy (``importance``, ``schedule``, ``energy``,
+   ``none``; ranks never shrink and leave ``min_trainable`` directions free);
+3. accumulates the subspaces with ``compute_subspaces(..., previous=get_subspaces(opt_state))`` (new directions
+   from the complement part of W, or from the finished tasks' input covariances) and installs them with
+   ``set_subspaces`` (same shapes, so the jitted train step does not recompile);
+4. records per task and matrix the protected rank, the block importance and the captured fraction of spectral
+   energy ``1 - ||P(W)||^2 / ||W||^2``.
+
+It is a plain object whose state round-trips through ``to_dict`` / ``from_dict`` (JSON), saved with every
+checkpoint; the subspaces themselves live in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import clsvd_jax as cj
+from clsvd_jax._src import rank_policy as rp
+from clsvd_jax.config import OsftConfig
+
+Shape = tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block importance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _cosine_sums(inputs: jax.Array, outputs: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per block: the sum over real tokens of cos(input, output), and the number of real tokens."""
+  a = inputs.astype(jnp.float32)
+  b = outputs.astype(jnp.float32)
+  dot = jnp.sum(a * b, -1)
+  norms = jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
+  cos = dot / jnp.maximum(norms, 1e-12)
+  m = mask.astype(jnp.float32)[None]
+  return jnp.sum(cos * m, axis=(1, 2)), jnp.sum(m, axis=(1, 2)) * jnp.ones(cos.shape[0])
+
+
+def block_cosines(hidden: Mapping[str, tuple[Any, Any]], masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Mean cosine between each block's input and output over non-pad tokens, ``{stack: [L]}``.
+
+  Args:
+    hidden: ``{stack: (inputs, outputs)}`` with arrays ``[L, B, T, D]`` (``clsvd_jax.models.block_hidden_states``).
+    masks: ``{stack: [B, T]}`` non-pad masks.
+  """
+  out = {}
+  for stack, (inputs, outputs) in hidden.items():
+    sums, counts = _cosine_sums(inputs, outputs, jnp.asarray(masks[stack]))
+    out[stack] = np.asarray(sums) / np.maximum(np.asarray(counts), 1.0)
+  return out
+
+
+def importance_from_cosines(cosines: Mapping[str, Any], direction: str = "1-cos") -> dict[str, np.ndarray]:
+  """Raw importance per block: ``1 - cos`` (blocks that change the residual stream most matter most) or ``cos``."""
+  if direction not in ("1-cos", "cos"):
+    raise ValueError(f"importance direction must be '1-cos' or 'cos', got {direction!r}")
+  return {k: (1.0 - np.asarray(v, np.float64)) if direction == "1-cos" else np.asarray(v, np.float64)
+          for k, v in cosines.items()}
+
+
+def stack_of(path: str, stacks: Iterable[str]) -> str | None:
+  """The stack prefix (``layers``, ``encoder/layers``, ...) a parameter path belongs to (longest match)."""
+  best = None
+  for s in stacks:
+    if (path == s or path.startswith(s + "/")) and (best is None or len(s) > len(best)):
+      best = s
+  return best
+
+
+def importance_by_matrix(normalized: Mapping[str, np.ndarray], shapes: Mapping[str, Shape]) -> dict[str, np.ndarray]:
+  """Each matrix takes its block's normalised importance: ``[L]`` for a stack, the mean for a lone matrix.
+
+  Raises:
+    ValueError: naming the matrix, when no stack covers it or the layer counts differ.
+  """
+  out = {}
+  for path, shape in shapes.items():
+    stack = stack_of(path, normalized)
+    if stack is None:
+      raise ValueError(f"no block importance covers {path!r}; measured stacks: {sorted(normalized)}")
+    imp = np.asarray(normalized[stack], np.float64)
+    batch = tuple(shape[:-2])
+    if batch == imp.shape:
+      out[path] = imp
+    elif not batch:
+      out[path] = np.asarray(imp.mean())
+    else:
+      raise ValueError(f"{path!r} has {batch} stacked matrices but its stack {stack!r} has {imp.shape} blocks")
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _clip(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] | None, min_trainable: int) -> np.ndarray:
+  return rp._finish(path, k, shape, previous, min_trainable)
+
+
+def incremental_importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape], *, mrr: float,
+                                 trr: float, previous: Mapping[str, Any] | None,
+                                 min_trainable: int) -> dict[str, np.ndarray]:
+  """Each task protects a fraction r (the paper's retention ratio) of the directions still free."""
+  out = {}
+  for path, shape in shapes.items():
+    r = rp.retention_ratio(importance[path], mrr=mrr, trr=trr)
+    prev = np.zeros(shape[:-2], np.int64) if previous is None or path not in previous else np.asarray(previous[path])
+    free = min(shape[-2:]) - prev
+    k = prev + np.floor(r * free + 1e-9).astype(np.int64)
+    out[path] = _clip(path, k, shape, previous, min_trainable)
+  return out
+
+
+def energy_extension(protected_energy: np.ndarray, spectrum: np.ndarray, total: np.ndarray,
+                     eps: float) -> np.ndarray:
+  """New directions needed so protected + top-j of the complement spectrum keep ``eps`` of the total energy.
+
+  Args:
+    protected_energy: ``[...]`` energy already inside the protected subspace.
+    spectrum: ``[..., r]`` complement spectrum (singular values), descending.
+    total: ``[...]`` total energy.
+    eps: target fraction.
+  """
+  s2 = np.square(np.asarray(spectrum, np.float64))
+  need = eps * np.asarray(total, np.float64) - np.asarray(protected_energy, np.float64)
+  cum = np.cumsum(s2, -1)
+  # j = number of complement directions until the cumulative energy reaches the need (0 if already met).
+  j = (cum < need[..., None] - 1e-12 * np.maximum(total[..., None], 1.0)).sum(-1) + 1
+  j = np.where(need <= 0, 0, np.minimum(j, s2.shape[-1]))
+  return j.astype(np.int64)
+
+
+def _fro2(x: jax.Array) -> np.ndarray:
+  x = x.astype(jnp.float32)
+  return np.asarray(jnp.sum(x * x, axis=(-2, -1)), np.float64)
+
+
+def weight_energy(w: Any, sub: cj.Subspace) -> np.ndarray:
+  """Fraction of ``||W||_F^2`` inside the protected subspace, ``1 - ||P(W)||^2 / ||W||^2`` per stacked matrix."""
+  w = jnp.asarray(w, jnp.float32)
+  total = _fro2(w)
+  rest = _fro2(cj.project(w, sub, "both"))
+  return np.where(total > 0, 1.0 - rest / np.where(total > 0, total, 1.0), 0.0)
+
+
+def _complement_spectrum(w: Any, prev: cj.Subspace | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(protected energy, complement singular values, total energy) of W under the previous subspace."""
+  w = jnp.asarray(w, jnp.float32)
+  total = _fro2(w)
+  r = w if prev is None else cj.project(w, prev, "both")
+  rest = _fro2(r)
+  s = np.asarray(jnp.linalg.svd(r, compute_uv=False), np.float64)
+  return total - rest, s, total
+
+
+def _covariance_spectrum(cov: Any, prev: cj.Subspace | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(protected energy, sqrt of the complement eigenvalues, total energy) of an input covariance [..., n, n]."""
+  c = jnp.asarray(cov, jnp.float32)
+  total = np.asarray(jnp.trace(c, axis1=-2, axis2=-1), np.float64)
+  if prev is not None:
+    # (I - VV^T) C (I - VV^T): project rows and columns onto the right complement.
+    proj = lambda x: cj.complement_right(prev, x)
+    c = proj(jnp.swapaxes(proj(c), -1, -2))
+  evals = np.asarray(jnp.linalg.eigvalsh(0.5 * (c + jnp.swapaxes(c, -1, -2))), np.float64)[..., ::-1]
+  rest = np.clip(evals, 0.0, None).sum(-1)
+  return total - rest, np.sqrt(np.clip(evals, 0.0, None)), total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scheduler
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_list(x: Any) -> Any:
+  x = np.asarray(x)
+  return x.tolist()
+
+
+@dataclasses.dataclass
+class BoundaryInputs:
+  """What a task boundary may measure.
+
+  Attributes:
+    hidden_states: callable ``batch -> {stack: (in, out)}`` for block importance (the current parameters).
+    token_masks: callable ``(stack, batch) -> [B, T]`` non-pad mask.
+    importance_batches: calibration batches (training layout) for block importance.
+    covariances: ``{path: [..., n, n]}`` input covariances of the finished task (activations basis source).
+  """
+
+  hidden_states: Callable[[Mapping[str, Any]], Mapping[str, tuple[Any, Any]]] | None = None
+  token_masks: Callable[[str, Mapping[str, Any]], Any] | None = None
+  importance_batches: list[Mapping[str, Any]] = dataclasses.field(default_factory=list)
+  covariances: Mapping[str, Any] | None = None
+
+
+class TaskScheduler:
+  """Computes and installs protected subspaces at task boundaries (see the module docstring).
+
+  Args:
+    config: the ``osft`` section (rank policy, basis source, start task, moments).
+    shapes: ``{path: shape}`` of the constrained matrices.
+    num_tasks: tasks in the stream.
+  """
+
+  def __init__(self, config: OsftConfig, shapes: Mapping[str, Shape], num_tasks: int):
+    self.config = config
+    self.shapes = {p: tuple(int(d) for d in s) for p, s in shapes.items()}
+    self.num_tasks = int(num_tasks)
+    self.next_task = 0
+    self.ranks: dict[str, np.ndarray] = {p: np.zeros(s[:-2], np.int32) for p, s in self.shapes.items()}
+    self.records: list[dict[str, Any]] = []
+
+  # -- state ------------------------------------------------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-serialisable state (ranks so far, per-task records, the next task)."""
+    return {"next_task": self.next_task, "num_tasks": self.num_tasks,
+            "ranks": {p: _to_list(k) for p, k in self.ranks.items()}, "records": self.records,
+            "shapes": {p: list(s) for p, s in self.shapes.items()}}
+
+  @classmethod
+  def from_dict(cls, config: OsftConfig, state: Mapping[str, Any]) -> TaskScheduler:
+    """Rebuilds a scheduler from ``to_dict`` output.
+
+    Raises:
+      ValueError: when the saved shapes differ from the model's (a checkpoint of another model).
+    """
+    shapes = {p: tuple(s) for p, s in state["shapes"].items()}
+    out = cls(config, shapes, state["num_tasks"])
+    out.next_task = int(state["next_task"])
+    out.ranks = {p: np.asarray(k, np.int32) for p, k in state["ranks"].items()}
+    out.records = list(state["records"])
+    return out
+
+  def protects_before(self, task_index: int) -> bool:
+    """Whether the boundary before ``task_index`` (0-based) installs subspaces."""
+    return task_index >= self.config.start_protecting_from - 1 and self.config.rank_policy.name != "none"
+
+  # -- ranks ------------------------------------------------------------------------------------------------
+
+  def measure_importance(self, inputs: BoundaryInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """``(cosines, normalised importance)`` per stack, averaged over the calibration batches (token-weighted)."""
+    if inputs.hidden_states is None or not inputs.importance_batches:
+      return None
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for batch in inputs.importance_batches:
+      hidden = inputs.hidden_states(batch)
+      for stack, (a, b) in hidden.items():
+        mask = jnp.asarray(inputs.token_masks(stack, batch))
+        s, c = _cosine_sums(a, b, mask)
+        sums[stack] = sums.get(stack, 0.0) + np.asarray(s, np.float64)
+        counts[stack] = counts.get(stack, 0.0) + np.asarray(c, np.float64)
+    cosines = {k: sums[k] / np.maximum(counts[k], 1.0) for k in sums}
+    raw = importance_from_cosines(cosines, self.config.rank_policy.importance_direction)
+    return cosines, rp.normalize_importance(raw)
+
+  def _policy_ranks(self, task_index: int, params_flat: Mapping[str, Any], previous: Mapping[str, cj.Subspace],
+                    importance: Mapping[str, np.ndarray] | None,
+                    covariances: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    cfg = self.config.rank_policy
+    mt = self.config.min_trainable
+    prev = self.ranks
+    if cfg.name == "none":
+      return {p: k.copy() for p, k in prev.items()}
+    if cfg.name == "importance":
+      if importance is None:
+        raise ValueError("rank policy 'importance' needs a calibration batch to measure block importance")
+      imp = importance_by_matrix(importance, self.shapes)
+      if cfg.growth == "incremental":
+        return incremental_importance_ranks(imp, self.shapes, mrr=cfg.mrr, trr=cfg.trr, previous=prev,
+                                            min_trainable=mt)
+      return cj.importance_ranks(imp, self.shapes, mrr=cfg.mrr, trr=cfg.trr, previous=prev, min_trainable=mt)
+    if cfg.name == "schedule":
+      return cj.schedule_ranks(task_index, self.shapes, rate=cfg.rate, max_ratio=cfg.max_ratio, previous=prev,
+                               min_trainable=mt)
+    # energy: extend each subspace until it holds eps of the energy of W (or of the input covariance)
+    out = {}
+    for path, shape in self.shapes.items():
+      sub = previous.get(path)
+      if covariances is not None and path in covariances:
+        have, spectrum, total = _covariance_spectrum(covariances[path], sub)
+      else:
+        have, spectrum, total = _complement_spectrum(params_flat[path], sub)
+      k = np.asarray(prev[path], np.int64) + energy_extension(have, spectrum, total, cfg.eps)
+      out[path] = _clip(path, k, shape, prev, mt)
+    return out
+
+  # -- the boundary -----------------------------------------------------------------------------------------
+
+  def before_task(self, task_index: int, params: Any, opt_state: Any, inputs: BoundaryInputs | None = None) -> Any:
+    """Runs the boundary before ``task_index`` and returns the optimizer state with the new subspaces.
+
+    Args:
+      task_index: 0-based index of the task about to be trained.
+      params: the current parameters (a nested dict like the model's).
+      opt_state: the optimizer state (holding the previous subspaces).
+      inputs: calibration measurements (see ``BoundaryInputs``).
+
+    Returns:
+      ``opt_state`` with the accumulated subspaces installed (unchanged when this boundary protects nothing).
+    """
+    inputs = inputs or BoundaryInputs()
+    record: dict[str, Any] = {"task": task_index, "protected": False, "policy": self.config.rank_policy.name,
+                              "basis_source": self.config.basis_source}
+    measured = self.measure_importance(inputs)
+    normalized = None
+    if measured is not None:
+      cosines, normalized = measured
+      record["block_cosine"] = {k: _to_list(v) for k, v in cosines.items()}
+      record["importance"] = {k: _to_list(v) for k, v in normalized.items()}
+    if self.protects_before(task_index):
+      params_flat = cj.flatten_with_paths(params)
+      missing = sorted(set(self.shapes) - set(params_flat))
+      if missing:
+        raise ValueError(f"constrained matrices missing from params: {missing[:5]}")
+      previous_tree = cj.get_subspaces(opt_state)
+      previous = {p: s for p, s in cj.flatten_with_paths(previous_tree, is_leaf=_is_node).items()
+                  if isinstance(s, cj.Subspace)}
+      covs = None
+      if self.config.basis_source == "activations":
+        covs = {p: c for p, c in (inputs.covariances or {}).items() if p in self.shapes}
+        if not covs:
+          raise ValueError("basis_source 'activations' needs the input covariances of the finished task; the "
+                           "model family must expose matrix inputs (clsvd_jax.models.matrix_input_covariances)")
+      ranks = self._policy_ranks(task_index, params_flat, previous, normalized, covs)
+      for path, k in ranks.items():
+        # A capacity set by max_rank_ratio bounds what a side can hold; stay inside it.
+        cap = _capacity_rank(self.shapes[path], previous.get(path))
+        ranks[path] = np.maximum(np.minimum(k, cap), self.ranks[path]).astype(np.int32)
+      subs = cj.compute_subspaces(params, ranks, previous=previous_tree,
+                                  covariances=covs or None)
+      opt_state = cj.set_subspaces(opt_state, subs)
+      new_flat = {p: s for p, s in cj.flatten_with_paths(subs, is_leaf=_is_node).items()
+                  if isinstance(s, cj.Subspace)}
+      self.ranks = {p: np.asarray(ranks[p], np.int32) for p in self.shapes}
+      record["protected"] = True
+      record["energy"] = {p: _to_list(weight_energy(params_flat[p], new_flat[p])) for p in self.shapes}
+    record["ranks"] = {p: _to_list(k) for p, k in self.ranks.items()}
+    record["rank_ratio"] = {p: _to_list(np.asarray(k, np.float64) / min(self.shapes[p][-2:]))
+                            for p, k in self.ranks.items()}
+    self.records = [r for r in self.records if r["task"] != task_index] + [record]
+    self.next_task = task_index + 1
+    return opt_state
+
+
+def _is_node(x: Any) -> bool:
+  return x is None or isinstance(x, cj.Subspace) or isinstance(x, optax.MaskedNode)
+
+
+def _capacity_rank(shape: Shape, sub: cj.Subspace | None) -> int:
+  """The largest rank both sides of a subspace with this capacity can represent (up to min(m, n))."""
+  m, n = shape[-2:]
+  if sub is None:
+    return min(m, n)
+  c_left, c_right = sub.capacity
+  best = 0
+  for k in range(min(m, n) + 1):
+    if (k <= c_left or m - k <= c_left) and (k <= c_right or n - k <= c_right):
+      best = k
+    else:
+      break
+  return best
+
+
+def reset_moments(tx: optax.GradientTransformation, params: Any, opt_state: Any) -> Any:
+  """A fresh optimizer state (zero moments, step count 0) that keeps the installed subspaces."""
+  fresh = tx.init(params)
+  return cj.set_subspaces(fresh, cj.get_subspaces(opt_state))

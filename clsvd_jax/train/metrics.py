@@ -1,0 +1,159 @@
+"""Continual-learning metrics from the accuracy matrix (DESIGN 9) and the per-matrix invariant ratios.
+
+``R[i, j]`` is the exact-match accuracy on task j after training task i (rows i = 0..T-1, 0-based). With the
+baseline ``b[j]`` (the model before any training):
+
+* ``AA`` = mean_j R[T-1, j] (average accuracy after the last task; also the per-task mean accuracy);
+* ``BWT`` = mean_{j < T-1} (R[T-1, j] - R[j, j]) (backward transfer; negative = forgetting);
+* ``FWT`` = mean_{j >= 1} (R[j-1, j] - b[j]) (forward transfer: what training on tasks 0..j-1 did for task j,
+  measured against the model before training on j, as in GEM);
+* ``forgetting`` = mean_{j < T-1} (max_{i < T-1} R[i, j] - R[T-1, j]) (Chaudhry et al.; the last task cannot
+  have been forgotten yet);
+* ``pooled_accuracy``: correct answers over all evaluation examples of all tasks after the last task (tasks
+  weighted by their size, unlike AA).
+
+Metrics that need two tasks are ``None`` for a one-task stream, and FWT is ``None`` without a baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clsvd_jax._src import subspace as subspace_lib
+from clsvd_jax._src.subspace import Subspace
+
+
+def _matrix(r: Any) -> np.ndarray:
+  r = np.asarray(r, np.float64)
+  if r.ndim != 2 or r.shape[0] < 1 or r.shape[1] < r.shape[0]:
+    raise ValueError(f"R must be [rows >= 1, tasks >= rows] (row i = after training task i), got shape {r.shape}")
+  return r
+
+
+def average_accuracy(r: Any) -> float:
+  """Mean accuracy over all tasks after the last trained task (last row)."""
+  r = _matrix(r)
+  return float(r[-1].mean())
+
+
+def backward_transfer(r: Any) -> float | None:
+  """mean_{j < T-1} (R[T-1, j] - R[j, j]); ``None`` for one task."""
+  r = _matrix(r)
+  t = r.shape[0]
+  if t < 2:
+    return None
+  return float(np.mean([r[t - 1, j] - r[j, j] for j in range(t - 1)]))
+
+
+def forward_transfer(r: Any, baseline: Any | None) -> float | None:
+  """mean_{j >= 1} (R[j-1, j] - baseline[j]); ``None`` for one task or without a baseline."""
+  r = _matrix(r)
+  t = r.shape[0]
+  if t < 2 or baseline is None:
+    return None
+  b = np.asarray(baseline, np.float64)
+  if b.shape != (r.shape[1],):
+    raise ValueError(f"baseline must hold one accuracy per task ({r.shape[1]}), got shape {b.shape}")
+  return float(np.mean([r[j - 1, j] - b[j] for j in range(1, t)]))
+
+
+def forgetting(r: Any) -> float | None:
+  """mean_{j < T-1} (max_{i < T-1} R[i, j] - R[T-1, j]); ``None`` for one task."""
+  r = _matrix(r)
+  t = r.shape[0]
+  if t < 2:
+    return None
+  return float(np.mean([r[:t - 1, j].max() - r[t - 1, j] for j in range(t - 1)]))
+
+
+def pooled_accuracy(correct: Sequence[int], total: Sequence[int]) -> float:
+  """Correct answers over all examples of all tasks."""
+  total_n = int(np.sum(total))
+  if total_n <= 0:
+    raise ValueError("pooled_accuracy: no evaluation examples")
+  return float(np.sum(correct)) / total_n
+
+
+def summarize(r: Any, *, baseline: Any | None = None, correct_last: Sequence[int] | None = None,
+              total: Sequence[int] | None = None) -> dict[str, Any]:
+  """Every metric of the module docstring for one run.
+
+  Args:
+    r: the accuracy matrix, rows = after each trained stage.
+    baseline: accuracies of the model before training (for FWT).
+    correct_last: correct answers per task after the last stage (for the pooled accuracy).
+    total: evaluation examples per task.
+  """
+  r = _matrix(r)
+  out = {
+    "AA": average_accuracy(r),
+    "BWT": backward_transfer(r),
+    "FWT": forward_transfer(r, baseline),
+    "forgetting": forgetting(r),
+    "per_task_mean_accuracy": average_accuracy(r),
+    "final_accuracy": [float(x) for x in r[-1]],
+  }
+  if correct_last is not None and total is not None:
+    out["pooled_accuracy"] = pooled_accuracy(correct_last, total)
+  else:
+    out["pooled_accuracy"] = None
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Invariant: protected directions of every constrained matrix are untouched by a task's updates.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _ratios(dw: jax.Array, s: Subspace) -> tuple[jax.Array, jax.Array, jax.Array]:
+  dw = dw.astype(jnp.float32)
+  s = s._replace(left=s.left.astype(jnp.float32), right=s.right.astype(jnp.float32))
+  axes = (-2, -1)
+  norm = jnp.sqrt(jnp.sum(dw * dw, axis=axes))
+  # ||U^T dW|| = ||U U^T dW|| (orthonormal U); same on the right side.
+  left = jnp.sqrt(jnp.sum(jnp.square(subspace_lib.protected_left(s, dw)), axis=axes))
+  right = jnp.sqrt(jnp.sum(jnp.square(subspace_lib.protected_right(s, dw)), axis=axes))
+  block = jnp.sqrt(jnp.sum(jnp.square(subspace_lib.protected_right(s, subspace_lib.protected_left(s, dw))),
+                           axis=axes))
+  safe = jnp.where(norm > 0, norm, 1.0)
+  ratio = lambda x: jnp.where(norm > 0, x / safe, 0.0)
+  return ratio(left), ratio(right), ratio(block)
+
+
+def invariant_ratios(before: Mapping[str, Any], after: Mapping[str, Any],
+                     subspaces: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+  """``||U^T dW||``, ``||dW V||`` and ``||U^T dW V||`` over ``||dW||`` per constrained matrix (max over layers).
+
+  Args:
+    before: ``{path: W}`` at the start of the task.
+    after: ``{path: W}`` at its end.
+    subspaces: ``{path: Subspace}`` in force during the task (paths without one are skipped).
+
+  Returns:
+    ``{path: {"left": ratio, "right": ratio, "block": ratio}}``; a matrix that did not move has ratio 0.
+  """
+  out = {}
+  for path, s in subspaces.items():
+    if not isinstance(s, Subspace) or path not in before:
+      continue
+    dw = jnp.asarray(after[path], jnp.float32) - jnp.asarray(before[path], jnp.float32)
+    left, right, block = _ratios(dw, s)
+    out[path] = {"left": float(jnp.max(left)), "right": float(jnp.max(right)), "block": float(jnp.max(block))}
+  return out
+
+
+# The ratios each projection variant keeps at zero (DESIGN 2).
+INVARIANT_KEYS = {"both": ("left", "right"), "left": ("left",), "right": ("right",), "block": ("block",)}
+
+
+def invariant_max(ratios_per_task: Sequence[Mapping[str, Mapping[str, float]]], sides: str = "both") -> float:
+  """The largest ratio the variant ``sides`` guarantees, over tasks and matrices (0 when nothing is constrained)."""
+  keys = INVARIANT_KEYS[sides]
+  values = [r[k] for task in ratios_per_task for r in task.values() for k in keys]
+  return float(max(values)) if values else 0.0

@@ -1,0 +1,423 @@
+"""The continual-learning runner: a model through a stream of tasks, with evaluation after every task.
+
+``run(config)`` does, for each stage of the method (one task at a time, or all at once for ``mtl``):
+
+1. the task boundary: the task scheduler measures block importance, computes protected ranks, accumulates and
+   installs the subspaces (constrained methods only), and Adam's moments are optionally reset;
+2. training: the jitted step over fixed-shape batches, with a learning-rate schedule per task, a NaN/inf check
+   that stops the run with the last good checkpoint intact, checkpoints every N steps, TensorBoard and tqdm;
+3. the invariant check (``||U^T dW|| / ||dW||``, ``||dW V|| / ||dW||`` of every constrained matrix over the task);
+4. evaluation of every task of the stream (also those not trained yet, for FWT) -> one row of R;
+5. a checkpoint at the task boundary.
+
+At the end it writes ``results.json``, ``R.csv``, the plots and returns the results dict. ``resume=True``
+continues from the newest checkpoint of ``run_dir`` and produces the same results as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import clsvd_jax as cj
+from clsvd_jax import scheduler as sched_lib
+from clsvd_jax.config import ConfigError, RunConfig, dump_config
+from clsvd_jax.data import (
+  BatchIterator,
+  EncodedSplit,
+  encode_task,
+  load_tasks,
+  parse_task_specs,
+  tokenizer_info,
+)
+from clsvd_jax.data.tasks import DataError
+from clsvd_jax.train import checkpoint as ckpt_lib
+from clsvd_jax.train import evaluate as eval_lib
+from clsvd_jax.train import metrics as metrics_lib
+from clsvd_jax.train import model_io, outputs
+from clsvd_jax.train import step as step_lib
+from clsvd_jax.train.methods import get_method
+
+log = logging.getLogger("clsvd_jax.train")
+
+
+class TrainingError(RuntimeError):
+  """The run stopped: a non-finite loss or gradient. The message names the step and the last good checkpoint."""
+
+
+class RunInterrupted(RuntimeError):
+  """Raised by ``run(..., stop_after_steps=N)`` to simulate a killed run (tests of ``--resume``)."""
+
+
+@dataclasses.dataclass
+class Prepared:
+  """Everything a run needs before its first step (built once; also used by ``clsvd eval``)."""
+
+  config: RunConfig
+  model: Any
+  tokenizer: Any
+  info: Any
+  kind: str
+  names: list[str]
+  train_splits: list[EncodedSplit]
+  eval_splits: list[EncodedSplit]
+  notes: list[str]
+
+
+def prepare(config: RunConfig) -> Prepared:
+  """Builds the model and tokenizer and reads and encodes the whole stream (bad data fails here, not at task 7).
+
+  Raises:
+    ConfigError / DataError: naming the file or key and the fix.
+  """
+  base = config.data_dir
+  tokenizer = model_io.load_tokenizer(config.model, base_dir=base)
+  model = model_io.build_model(config.model, base_dir=base)
+  model_io.check_vocab(model, tokenizer)
+  kind = model_io.kind_of(model)
+  specs = parse_task_specs(config.tasks)
+  datas = load_tasks(specs, base_dir=base)
+  info = tokenizer_info(tokenizer, kind)
+  train_splits, eval_splits, notes = [], [], []
+  for data in datas:
+    if not data.train:
+      raise DataError(f"task '{data.task.name}': the training split '{data.task.splits['train']}' is empty")
+    if not data.eval:
+      raise DataError(f"task '{data.task.name}': the evaluation split '{data.task.splits['eval']}' is empty")
+    tr, ev = encode_task(data, tokenizer, kind=kind, max_length=config.training.max_length,
+                         max_target_length=config.training.max_target_length)
+    train_splits.append(tr)
+    eval_splits.append(ev)
+    notes.extend(data.notes)
+    for split in (tr, ev):
+      if split.truncated_prompts or split.truncated_targets:
+        notes.append(split.report())
+  return Prepared(config, model, tokenizer, info, kind, [d.task.name for d in datas], train_splits, eval_splits,
+                  notes)
+
+
+def _config_hash(config: RunConfig) -> str:
+  """What must not change between a run and its resume (everything but where outputs go and display flags)."""
+  d = config.to_dict()
+  for key in ("run_dir", "name"):
+    d.pop(key, None)
+  d["training"] = {k: v for k, v in d["training"].items() if k not in ("progress", "log_every", "checkpoint_every",
+                                                                        "keep_checkpoints")}
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _steps_for(config: RunConfig, it: BatchIterator) -> int:
+  t = config.training
+  return t.steps_per_task if t.steps_per_task is not None else t.epochs * it.steps_per_epoch
+
+
+def _stage_name(names: list[str], stage: list[int]) -> str:
+  return names[stage[0]] if len(stage) == 1 else "+".join(names[i] for i in stage)
+
+
+class _Writer:
+  """TensorBoard scalars (tensorboardX); a no-op when the package is missing."""
+
+  def __init__(self, run_dir: Path):
+    try:
+      from tensorboardX import SummaryWriter
+
+      self._w = SummaryWriter(str(run_dir / "tensorboard"))
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+      self._w = None
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    if self._w is not None:
+      self._w.add_scalar(tag, float(value), step)
+
+  def close(self) -> None:
+    if self._w is not None:
+      self._w.flush()
+      self._w.close()
+
+
+def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None = None,
+        echo: Callable[[str], None] | None = print, prepared: Prepared | None = None) -> dict[str, Any]:
+  """Runs the method of ``config`` through its task stream; see the module docstring.
+
+  Args:
+    config: a validated config (``clsvd_jax.config.load_config``).
+    resume: continue from the newest checkpoint in ``config.run_dir`` (a fresh start when there is none).
+    stop_after_steps: raise ``RunInterrupted`` after this many optimizer steps of this call (tests).
+    echo: prints progress lines (None: silent).
+    prepared: a ``prepare(config)`` result to reuse.
+
+  Returns:
+    The results dict (also written to ``<run_dir>/results.json``).
+
+  Raises:
+    TrainingError: on a non-finite loss or gradient.
+    ConfigError / DataError: bad config or data (before training starts).
+  """
+  say = echo or (lambda _msg: None)
+  run_dir = Path(config.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  p = prepared or prepare(config)
+  for note in p.notes:
+    say(f"note: {note}")
+  method = get_method(config.method)
+  tcfg, ocfg = config.training, config.optimizer
+  num_tasks = len(p.names)
+  stages = method.stages(num_tasks)
+  model = p.model
+
+  apply_fn, params = model_io.functional(model)
+  policy_counts = step_lib.check_policy(params, config.osft)
+  tx = step_lib.build_optimizer(ocfg, config.osft, constrained=method.constrained)
+  labels = step_lib.param_policy(config.osft.param_policy).labels(params)
+  trainable = jax.tree.map(lambda a: a != "freeze", labels)
+  opt_state = tx.init(params)
+  train_step = step_lib.jit_step(step_lib.make_train_step(
+      apply_fn, tx, kind=p.kind, grad_accum=ocfg.grad_accum, bf16_compute=tcfg.bf16_compute,
+      clip_norm=ocfg.clip_norm, trainable=trainable))
+  shapes = {path: s for path, s in model_io.constrained_matrices(model).items()
+            if cj.flatten_with_paths(labels).get(path) == "constrain"}
+  scheduler = sched_lib.TaskScheduler(config.osft, shapes, len(stages)) if method.constrained else None
+  rng = jax.random.key_data(jax.random.key(tcfg.seed))
+  anchor = {path: jnp.zeros((), jnp.float32) for path in shapes}
+
+  # Run state (everything in meta.json).
+  state: dict[str, Any] = {"stage": 0, "step": 0, "position": None, "global_step": 0, "phase": "boundary",
+                           "R": [], "counts": [], "baseline": None, "baseline_counts": None, "invariant": [],
+                           "losses": [], "tokens": 0, "train_seconds": 0.0, "eval_seconds": 0.0,
+                           "config_hash": _config_hash(config)}
+  last_ckpt: Path | None = None
+  if resume:
+    found = ckpt_lib.latest_checkpoint(run_dir)
+    if found is not None:
+      meta = ckpt_lib.read_meta(found)
+      if meta["run"]["config_hash"] != state["config_hash"]:
+        raise ConfigError(f"--resume: the checkpoint {found} was written with another config (hash "
+                          f"{meta['run']['config_hash']} vs {state['config_hash']}); resume with the same config "
+                          "or start a new run_dir")
+      if meta.get("anchor_paths"):
+        anchor = {path: jnp.zeros(shapes[path], jnp.float32) for path in meta["anchor_paths"]}
+      target = {"params": params, "opt_state": opt_state, "anchor": anchor, "rng": rng}
+      restored = ckpt_lib.restore(found, target)
+      params, opt_state, anchor, rng = (restored["params"], restored["opt_state"], restored["anchor"],
+                                        restored["rng"])
+      state = meta["run"]
+      if scheduler is not None:
+        scheduler = sched_lib.TaskScheduler.from_dict(config.osft, meta["scheduler"])
+      last_ckpt = found
+      say(f"resumed from {found} (stage {state['stage'] + 1}/{len(stages)}, step {state['step']}, "
+          f"phase {state['phase']})")
+  if not resume or last_ckpt is None:
+    dump_config(config, run_dir / "config.yaml")
+
+  writer = _Writer(run_dir)
+  eval_kw = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, names=p.names,
+                 show_progress=tcfg.progress)
+
+  def evaluate(params: Any, desc: str) -> tuple[list[float], list[int], list[int]]:
+    t0 = time.perf_counter()
+    res = eval_lib.evaluate_all(model, params, p.eval_splits, p.tokenizer, p.info, progress_desc=desc, **eval_kw)
+    state["eval_seconds"] += time.perf_counter() - t0
+    return [r.accuracy for r in res], [r.correct for r in res], [r.total for r in res]
+
+  def save(params: Any, opt_state: Any) -> Path:
+    arrays = {"params": params, "opt_state": opt_state, "anchor": anchor, "rng": rng}
+    meta = {"run": state, "scheduler": scheduler.to_dict() if scheduler is not None else None,
+            "anchor_paths": sorted(anchor) if any(np.ndim(a) for a in anchor.values()) else [],
+            "tasks": p.names, "method": config.method}
+    return ckpt_lib.save(run_dir, state["global_step"], arrays, meta, keep=tcfg.keep_checkpoints)
+
+  counter = [0]  # optimizer steps of this call
+  try:
+    if state["baseline"] is None and config.eval.initial:
+      acc, correct, total = evaluate(params, "eval initial")
+      state["baseline"], state["baseline_counts"] = acc, correct
+      say("initial accuracy: " + ", ".join(f"{n}={100 * a:.1f}" for n, a in zip(p.names, acc)))
+
+    while state["stage"] < len(stages):
+      si = state["stage"]
+      stage = stages[si]
+      name = _stage_name(p.names, stage)
+      train_data = p.train_splits[stage[0]] if len(stage) == 1 else EncodedSplit.concat(
+          [p.train_splits[i] for i in stage], name=name)
+      it = BatchIterator(train_data, p.info, batch_size=tcfg.batch_size, seed=tcfg.seed + si, num_epochs=None,
+                         position=state["position"])
+      total_steps = _steps_for(config, it)
+
+      if state["phase"] == "boundary":
+        if scheduler is not None:
+          inputs = _boundary_inputs(config, model, params, p, stage, stages, si, it)
+          opt_state = scheduler.before_task(si, params, opt_state, inputs)
+          rec = scheduler.records[-1]
+          if rec["protected"]:
+            mean_ratio = np.mean([np.mean(v) for v in rec["rank_ratio"].values()]) if rec["rank_ratio"] else 0.0
+            say(f"task {si + 1}/{len(stages)} {name}: protected {100 * mean_ratio:.1f}% of the directions "
+                f"(policy {rec['policy']}, basis {rec['basis_source']})")
+        if config.osft.reset_moments and si > 0:
+          opt_state = sched_lib.reset_moments(tx, params, opt_state) if method.constrained else tx.init(params)
+        if config.eval.invariant_check and scheduler is not None:
+          flat = cj.flatten_with_paths(params)
+          anchor = {path: jnp.array(flat[path], jnp.float32, copy=True) for path in shapes}
+        state.update(phase="train", step=0, position=it.position.to_dict())
+
+      if state["phase"] == "train":
+        params, opt_state = _train_stage(
+            config, train_step, params, opt_state, it, total_steps, state, writer, name, si, len(stages),
+            save, stop=lambda: stop_after_steps is not None and counter[0] >= stop_after_steps, counter=counter)
+        # Invariant over the task: protected directions of every constrained matrix untouched.
+        ratios = {}
+        if config.eval.invariant_check and scheduler is not None:
+          subs = {path: s for path, s in cj.flatten_with_paths(cj.get_subspaces(opt_state),
+                                                                 is_leaf=sched_lib._is_node).items()
+                  if isinstance(s, cj.Subspace)}
+          ratios = metrics_lib.invariant_ratios(anchor, cj.flatten_with_paths(params), subs)
+        state["invariant"].append(ratios)
+        state["phase"] = "eval"
+
+      if state["phase"] == "eval":
+        acc, correct, total = evaluate(params, f"eval after {name}")
+        state["R"].append(acc)
+        state["counts"].append(correct)
+        state["totals"] = total
+        say(f"after {name}: " + ", ".join(f"{n}={100 * a:.1f}" for n, a in zip(p.names, acc)))
+        for n, a in zip(p.names, acc):
+          writer.scalar(f"eval/{n}", a, si)
+        state.update(stage=si + 1, phase="boundary", step=0, position=None)
+        last_ckpt = save(params, opt_state)
+  finally:
+    writer.close()
+
+  results = _results(config, p, state, scheduler, policy_counts)
+  outputs.write_outputs(results, run_dir)
+  say(outputs.format_r_table(results, title=f"[{config.method}] R (accuracy %)"))
+  say(outputs.format_summary(results))
+  return results
+
+
+def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any, it: BatchIterator,
+                 total_steps: int, state: dict[str, Any], writer: _Writer, name: str, si: int, num_stages: int,
+                 save: Callable[[Any, Any], Path], *, stop: Callable[[], bool], counter: list[int]
+                 ) -> tuple[Any, Any]:
+  """The optimizer steps of one stage, from ``state['step']`` to ``total_steps``."""
+  tcfg = config.training
+  timer = step_lib.StepTimer()
+  bar = None
+  if tcfg.progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"task {si + 1}/{num_stages} {name}", unit="step",
+               leave=False)
+  losses = []
+  try:
+    while state["step"] < total_steps:
+      if stop():
+        raise RunInterrupted(f"stopped after {counter[0]} steps (stop_after_steps)")
+      batch = step_lib.device_batch(next(it), it.data.kind)
+      lr = step_lib.learning_rate(state["step"], total_steps, config.optimizer)
+      t0 = time.perf_counter()
+      params, opt_state, m = train_step(params, opt_state, batch, jnp.asarray(lr, jnp.float32))
+      loss = float(m["loss"])
+      dt = time.perf_counter() - t0
+      if not bool(m["finite"]):
+        last = ckpt_lib.latest_checkpoint(config.run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise TrainingError(
+            f"non-finite loss ({loss}) or gradient norm ({float(m['grad_norm'])}) at step {state['step'] + 1} of "
+            f"task {si + 1} ({name}), global step {state['global_step'] + 1}; the run stopped and nothing was "
+            f"saved after it: {where}. Lower optimizer.lr, set optimizer.clip_norm, or try "
+            "training.bf16_compute: false; then rerun with --resume")
+      tokens = float(m["tokens"])
+      tps = timer.add(dt, tokens)
+      state["step"] += 1
+      state["global_step"] += 1
+      state["tokens"] += tokens
+      state["train_seconds"] += dt
+      state["position"] = it.position.to_dict()
+      counter[0] += 1
+      losses.append(loss)
+      if tcfg.log_every and (state["step"] % tcfg.log_every == 0 or state["step"] == total_steps):
+        writer.scalar("train/loss", loss, state["global_step"])
+        writer.scalar("train/tokens_per_s", tps, state["global_step"])
+        writer.scalar("train/lr", lr, state["global_step"])
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+      if tcfg.checkpoint_every and state["global_step"] % tcfg.checkpoint_every == 0 and state["step"] < total_steps:
+        save(params, opt_state)
+  finally:
+    if bar is not None:
+      bar.close()
+  tail = losses[-max(1, len(losses) // 10):] if losses else []
+  state["losses"].append(float(np.mean(tail)) if tail else None)
+  return params, opt_state
+
+
+def _boundary_inputs(config: RunConfig, model: Any, params: Any, p: Prepared, stage: list[int],
+                     stages: list[list[int]], si: int, it: BatchIterator) -> sched_lib.BoundaryInputs:
+  """Calibration measurements for the boundary before stage ``si`` (current parameters)."""
+  o = config.osft
+  size = o.calibration_batch_size or config.training.batch_size
+  model_io.update_model(model, params)
+
+  def batches_of(split: EncodedSplit, seed: int) -> list[dict[str, Any]]:
+    cal = BatchIterator(split, p.info, batch_size=min(size, len(split)), seed=seed, num_epochs=None)
+    n = min(o.calibration_batches, cal.steps_per_epoch)
+    return [cal.batch_at(0, s) for s in range(n)]
+
+  source = stage[0] if (o.calibration_task == "new" or si == 0) else stages[si - 1][0]
+  batches = batches_of(p.train_splits[source], config.training.seed + 1000 + si)
+  covs = None
+  if o.basis_source == "activations" and si > 0:
+    prev = p.train_splits[stages[si - 1][0]]
+    fn = getattr(model_io, "matrix_input_covariances", None)
+    if fn is None:
+      raise ConfigError("osft.basis_source: 'activations' needs the inputs of every constrained matrix, which this "
+                        "model family does not expose; use basis_source: weights")
+    covs = fn(model, batches_of(prev, config.training.seed + 2000 + si))
+  return sched_lib.BoundaryInputs(
+      hidden_states=lambda b: model_io.block_hidden_states(model, b),
+      token_masks=model_io.token_mask_for_stack, importance_batches=batches, covariances=covs)
+
+
+def _results(config: RunConfig, p: Prepared, state: Mapping[str, Any], scheduler: Any,
+             policy_counts: Mapping[str, int]) -> dict[str, Any]:
+  method = get_method(config.method)
+  r = state["R"]
+  totals = state.get("totals") or [len(s) for s in p.eval_splits]
+  summary = metrics_lib.summarize(r, baseline=state["baseline"], correct_last=state["counts"][-1], total=totals)
+  sched = scheduler.to_dict() if scheduler is not None else {"records": []}
+  ranks = [rec["ranks"] for rec in sched["records"]]
+  return {
+    "name": config.name or config.method,
+    "method": config.method,
+    "tasks": p.names,
+    "row_names": [_stage_name(p.names, s) for s in method.stages(len(p.names))],
+    "R": r,
+    "R_initial": state["baseline"],
+    **summary,
+    "correct": state["counts"],
+    "eval_sizes": totals,
+    "ranks": ranks,
+    "invariant": state["invariant"],
+    "invariant_max": metrics_lib.invariant_max(state["invariant"], config.osft.sides),
+    "scheduler": sched,
+    "param_policy_counts": dict(policy_counts),
+    "train_loss": state["losses"],
+    "global_steps": state["global_step"],
+    "train_tokens": state["tokens"],
+    "train_seconds": state["train_seconds"],
+    "eval_seconds": state["eval_seconds"],
+    "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+    "model_config": model_io.model_config_dict(p.model),
+    "config": config.to_dict(),
+  }
