@@ -261,11 +261,14 @@ def run_sharded(problem: Problem, mesh: Mesh, *, replicated_threshold: int = 256
 
 
 def problem_for_mesh(sizes: dict[str, int], steps: int = 5) -> Problem:
-  """A tiny problem whose every sharded dim divides the mesh axes (so nothing falls back to replication)."""
+  """The tiny problem, widened by the smallest power of two that makes every sharded dim divide its mesh axes (so
+  nothing falls back to replication)."""
   d, f, t = sizes.get("data", 1), sizes.get("fsdp", 1), sizes.get("tensor", 1)
-  n = d * f * t
-  return Problem(steps=steps, batch=max(8, 2 * d * f), layers=max(4, n // 2), dim=16 * f * t, heads=4 * t,
-                 kv_heads=2 * t, head_dim=4, ffn=32 * f * t, vocab=64 * f * t)
+  scale = 1
+  while (16 * scale) % f or (8 * scale) % t or (64 * scale) % t:
+    scale *= 2
+  return Problem(steps=steps, batch=max(8, 2 * d * f), layers=max(4, (d * f * t) // 2), dim=16 * scale, heads=4,
+                 kv_heads=2, head_dim=4 * scale, ffn=32 * scale, vocab=64 * scale)
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
