@@ -65,21 +65,23 @@ def _rows_for_host(rows: list[int], batch_size: int, process_index: int, process
 
 
 def collate(examples: Sequence[EncodedExample | None], info: TokenizerInfo, *, kind: str, train: bool,
-            length: int, target_length: int | None = None) -> dict[str, Any]:
+            length: int, target_length: int | None = None, filler: EncodedExample | None = None) -> dict[str, Any]:
   """Pads one batch of examples into arrays; ``None`` entries are filler rows (weights 0).
 
   Args:
-    examples: the rows; at least one must be real (filler rows copy it so no row is all padding, which keeps
-      attention softmaxes finite).
+    examples: the rows; ``None`` rows become copies of ``filler`` (default: the first real row) with weight 0,
+      so no row is all padding, which keeps attention softmaxes finite.
     info: special ids.
     kind: ``decoder`` or ``encoder_decoder``.
     train: training layout (prompt + target) or evaluation layout (prompt only, with the strings).
     length: padded length of ``input_ids``.
     target_length: encoder-decoder training: padded length of the decoder arrays.
+    filler: the example copied into filler rows (hosts pass their global batch's first row, so that the host
+      slices concatenate to exactly the global batch).
   """
-  real = next((e for e in examples if e is not None), None)
+  real = filler if filler is not None else next((e for e in examples if e is not None), None)
   if real is None:
-    raise ValueError("collate: a batch needs at least one real example")
+    raise ValueError("collate: a batch needs at least one real example or a filler")
   b = len(examples)
   weights = np.array([e is not None for e in examples], np.float32)
   rows = [e if e is not None else real for e in examples]
@@ -225,15 +227,8 @@ class BatchIterator:
       length = pick_bucket(max(len(e.prompt_ids) for e in real), self.buckets)
       t_len = pick_bucket(max(len(e.target_ids) for e in real), self.target_buckets)
     mine = _rows_for_host(rows, self.batch_size, self.process_index, self.process_count)
-    # A host whose slice is all filler still needs a valid row to copy: take the global batch's first.
     examples = [ex[r] if r >= 0 else None for r in mine]
-    if all(e is None for e in examples):
-      examples = [real[0]] + examples[1:]
-      batch = collate(examples, self.info, kind=kind, train=True, length=length, target_length=t_len)
-      batch["weights"][0] = 0.0
-      batch["loss_mask"][0] = 0.0
-      return batch
-    return collate(examples, self.info, kind=kind, train=True, length=length, target_length=t_len)
+    return collate(examples, self.info, kind=kind, train=True, length=length, target_length=t_len, filler=real[0])
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return self
@@ -283,10 +278,4 @@ def eval_batches(data: EncodedSplit, info: TokenizerInfo, *, batch_size: int, bu
     rows += [-1] * (batch_size - len(rows))
     length = pick_bucket(max(len(ex[r].prompt_ids) for r in rows if r >= 0), buckets)
     mine = [ex[r] if r >= 0 else None for r in _rows_for_host(rows, batch_size, process_index, process_count)]
-    if all(e is None for e in mine):
-      batch = collate([ex[start]] + mine[1:], info, kind=data.kind, train=False, length=length)
-      batch["weights"][0], batch["index"][0] = 0.0, -1
-      batch["prompts"][0] = batch["targets"][0] = batch["tasks"][0] = ""
-      yield batch
-    else:
-      yield collate(mine, info, kind=data.kind, train=False, length=length)
+    yield collate(mine, info, kind=data.kind, train=False, length=length, filler=ex[start])
