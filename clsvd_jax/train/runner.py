@@ -42,9 +42,9 @@ from clsvd_jax.data import (
 )
 from clsvd_jax.data.tasks import DataError
 from clsvd_jax.train import checkpoint as ckpt_lib
+from clsvd_jax.train import covariance, model_io, outputs
 from clsvd_jax.train import evaluate as eval_lib
 from clsvd_jax.train import metrics as metrics_lib
-from clsvd_jax.train import model_io, outputs
 from clsvd_jax.train import step as step_lib
 from clsvd_jax.train.methods import get_method
 
@@ -379,11 +379,10 @@ def _boundary_inputs(config: RunConfig, model: Any, params: Any, p: Prepared, st
   covs = None
   if o.basis_source == "activations" and si > 0:
     prev = p.train_splits[stages[si - 1][0]]
-    fn = getattr(model_io, "matrix_input_covariances", None)
-    if fn is None:
-      raise ConfigError("osft.basis_source: 'activations' needs the inputs of every constrained matrix, which this "
-                        "model family does not expose; use basis_source: weights")
-    covs = fn(model, batches_of(prev, config.training.seed + 2000 + si))
+    try:
+      covs = covariance.matrix_input_covariances(model, batches_of(prev, config.training.seed + 2000 + si))
+    except NotImplementedError as e:
+      raise ConfigError(f"osft.basis_source: {e}") from None
   return sched_lib.BoundaryInputs(
       hidden_states=lambda b: model_io.block_hidden_states(model, b),
       token_masks=model_io.token_mask_for_stack, importance_batches=batches, covariances=covs)

@@ -1,0 +1,192 @@
+"""The ``clsvd`` command line.
+
+  clsvd train CONFIG.yaml [--set key=value ...] [--resume]    run a task stream (results under run_dir)
+  clsvd eval CONFIG.yaml [--set ...] [--checkpoint DIR]       evaluate a model (or a checkpoint) on every task
+  clsvd demo [--out runs/demo]                                the offline demo: seqft vs osft on a tiny model
+  clsvd inspect RUN_DIR [--memory CONFIG]                     tables and plots of a finished run
+
+Errors in the config or the data are printed as one clear message (exit status 2); a run that stops on a
+non-finite loss exits with status 3 and names the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="clsvd", description="Continual full fine-tuning with orthogonal-complement "
+                                                        "updates (adaptive SVD / OSFT) in JAX.")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="run a task stream from a YAML config")
+  t.add_argument("config", help="YAML config (see configs/)")
+  t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. --set training.seed=3 (repeatable; values are YAML)")
+  t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+  t.add_argument("--run-dir", help="output folder (overrides run_dir of the config)")
+
+  e = sub.add_parser("eval", help="evaluate a model or a checkpoint on every task of a config")
+  e.add_argument("config")
+  e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  e.add_argument("--checkpoint", help="a checkpoint folder (step_*) or a run directory (its newest checkpoint); "
+                                      "default: the model of the config as it is")
+  e.add_argument("--out", help="write the accuracies as JSON here")
+
+  d = sub.add_parser("demo", help="the offline demo: a tiny model, a generated task stream, seqft vs osft")
+  d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+  d.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default: the demo's)")
+  d.add_argument("--quiet", action="store_true", help="no progress bars")
+
+  i = sub.add_parser("inspect", help="tables and plots of a finished run (or a memory estimate)")
+  i.add_argument("run_dir", nargs="?", help="a run directory with results.json")
+  i.add_argument("--memory", metavar="CONFIG", help="per-device memory of a config's model on its mesh (a YAML run "
+                                                    "config, a model preset or a config.json)")
+  i.add_argument("--no-plots", action="store_true", help="do not (re)write the plots")
+  return p
+
+
+def _error(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+  print(f"clsvd: error: {msg}", file=sys.stderr)
+  return code
+
+
+def _load(path: str, overrides: Sequence[str], run_dir: str | None = None) -> Any:
+  from clsvd_jax import config as config_lib
+
+  cfg = config_lib.load_config(path, overrides)
+  if run_dir:
+    cfg.run_dir = run_dir
+  return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+  from clsvd_jax.train import runner
+
+  cfg = _load(args.config, args.overrides, args.run_dir)
+  runner.run(cfg, resume=args.resume)
+  print(f"results in {cfg.run_dir}")
+  return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+  from clsvd_jax.train import checkpoint as ckpt_lib
+  from clsvd_jax.train import evaluate as eval_lib
+  from clsvd_jax.train import model_io, outputs, runner
+
+  cfg = _load(args.config, args.overrides)
+  p = runner.prepare(cfg)
+  _, params = model_io.functional(p.model)
+  source = "the model of the config"
+  if args.checkpoint:
+    path = Path(args.checkpoint)
+    ckpt = path if (path / ckpt_lib.META).is_file() else ckpt_lib.latest_checkpoint(path)
+    if ckpt is None:
+      return _error(f"--checkpoint {path}: neither a checkpoint folder (with {ckpt_lib.META}) nor a run directory "
+                    "holding one")
+    params = ckpt_lib.restore(ckpt, {"params": params})["params"]
+    source = str(ckpt)
+  res = eval_lib.evaluate_all(p.model, params, p.eval_splits, p.tokenizer, p.info, batch_size=cfg.eval.batch_size,
+                              max_new_tokens=cfg.eval.max_new_tokens, names=p.names,
+                              show_progress=cfg.training.progress)
+  width = max(len(n) for n in p.names) + 2
+  print(f"accuracy of {source}:")
+  for r in res:
+    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total})")
+  data = {"source": source, "tasks": p.names, "accuracy": [r.accuracy for r in res],
+          "correct": [r.correct for r in res], "total": [r.total for r in res],
+          "predictions": {r.task: r.predictions[:20] for r in res}}
+  if args.out:
+    outputs.write_json(args.out, data)
+  return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+  from clsvd_jax.train import demo
+
+  demo.run_demo(args.out, steps=args.steps, progress=not args.quiet)
+  return 0
+
+
+def _memory_report(target: str) -> str:
+  """The hook of ``--memory``: ``clsvd_jax.parallel`` computes it (per-device bytes of params, moments, bases)."""
+  from clsvd_jax import parallel
+
+  hook = getattr(parallel, "inspect_memory", None)
+  if hook is not None:
+    return hook(target)
+  kwargs: dict[str, Any] = {}
+  model_config: Any = target
+  if target.endswith((".yaml", ".yml")):
+    from clsvd_jax.train import step as step_lib
+
+    cfg = _load(target, [])
+    m = cfg.model
+    if m.path is not None:
+      model_config = m.path if Path(m.path).is_absolute() else str(Path(cfg.data_dir or ".") / m.path)
+    else:
+      model_config = {"model_type": m.family, **(m.config or {})}
+    kwargs = {"dtype": m.dtype, "policy": step_lib.param_policy(cfg.osft.param_policy),
+              "max_rank_ratio": cfg.osft.max_rank_ratio}
+    if cfg.mesh is not None:
+      kwargs["mesh_shape"] = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+  return parallel.format_memory_report(parallel.memory_report(model_config, **kwargs))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+  from clsvd_jax.train import outputs
+
+  if args.memory:
+    print(_memory_report(args.memory))
+    if not args.run_dir:
+      return 0
+  if not args.run_dir:
+    return _error("inspect: give a run directory (or --memory CONFIG)")
+  results = outputs.read_results(args.run_dir)
+  print(f"run {args.run_dir}: method {results.get('method')}, tasks {', '.join(results['tasks'])}")
+  print()
+  print(outputs.format_r_table(results, title="R (accuracy %, row = after training that task)"))
+  print()
+  print(outputs.format_summary(results))
+  print()
+  print(outputs.format_ranks(results))
+  inv = results.get("invariant") or []
+  if any(inv):
+    worst = max(((path, max(r.values()), i) for i, task in enumerate(inv) for path, r in task.items()),
+                key=lambda x: x[1])
+    print(f"\ninvariant: largest ratio {worst[1]:.2e} at {worst[0]} during task {worst[2] + 1}")
+  if not args.no_plots:
+    files = outputs.write_plots(results, args.run_dir)
+    print("\nplots: " + ", ".join(str(f) for f in files))
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``clsvd`` script; returns the exit status."""
+  args = _parser().parse_args(argv)
+  from clsvd_jax.config import ConfigError
+  from clsvd_jax.data.tasks import DataError
+  from clsvd_jax.train.runner import TrainingError
+
+  try:
+    return COMMANDS[args.command](args)
+  except (ConfigError, DataError) as e:
+    return _error(str(e))
+  except FileNotFoundError as e:
+    return _error(str(e))
+  except TrainingError as e:
+    return _error(str(e), EXIT_TRAINING)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
