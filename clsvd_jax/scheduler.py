@@ -147,40 +147,53 @@ def energy_extension(protected_energy: np.ndarray, spectrum: np.ndarray, total: 
   return j.astype(np.int64)
 
 
-def _fro2(x: jax.Array) -> np.ndarray:
+def _fro2(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
-  return np.asarray(jnp.sum(x * x, axis=(-2, -1)), np.float64)
+  return jnp.sum(x * x, axis=(-2, -1))
+
+
+@jax.jit
+def _energy_parts(w: jax.Array, sub: cj.Subspace) -> tuple[jax.Array, jax.Array]:
+  w = w.astype(jnp.float32)
+  return _fro2(w), _fro2(cj.project(w, sub, "both"))
 
 
 def weight_energy(w: Any, sub: cj.Subspace) -> np.ndarray:
   """Fraction of ``||W||_F^2`` inside the protected subspace, ``1 - ||P(W)||^2 / ||W||^2`` per stacked matrix."""
-  w = jnp.asarray(w, jnp.float32)
-  total = _fro2(w)
-  rest = _fro2(cj.project(w, sub, "both"))
+  total, rest = (np.asarray(x, np.float64) for x in _energy_parts(jnp.asarray(w), sub))
   return np.where(total > 0, 1.0 - rest / np.where(total > 0, total, 1.0), 0.0)
+
+
+@jax.jit
+def _weight_spectrum(w: jax.Array, prev: cj.Subspace | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  w = w.astype(jnp.float32)
+  total = _fro2(w)
+  r = w if prev is None else cj.project(w, prev, "both")
+  rest = _fro2(r)
+  return total - rest, jnp.linalg.svd(r, compute_uv=False), total
 
 
 def _complement_spectrum(w: Any, prev: cj.Subspace | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(protected energy, complement singular values, total energy) of W under the previous subspace."""
-  w = jnp.asarray(w, jnp.float32)
-  total = _fro2(w)
-  r = w if prev is None else cj.project(w, prev, "both")
-  rest = _fro2(r)
-  s = np.asarray(jnp.linalg.svd(r, compute_uv=False), np.float64)
-  return total - rest, s, total
+  return tuple(np.asarray(x, np.float64) for x in _weight_spectrum(jnp.asarray(w), prev))
+
+
+@jax.jit
+def _cov_spectrum(cov: jax.Array, prev: cj.Subspace | None) -> tuple[jax.Array, jax.Array]:
+  c = cov.astype(jnp.float32)
+  total = jnp.trace(c, axis1=-2, axis2=-1)
+  if prev is not None:
+    # (I - VV^T) C (I - VV^T): project rows and columns onto the right complement.
+    c = cj.complement_right(prev, jnp.swapaxes(cj.complement_right(prev, c), -1, -2))
+  return total, jnp.linalg.eigvalsh(0.5 * (c + jnp.swapaxes(c, -1, -2)))
 
 
 def _covariance_spectrum(cov: Any, prev: cj.Subspace | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(protected energy, sqrt of the complement eigenvalues, total energy) of an input covariance [..., n, n]."""
-  c = jnp.asarray(cov, jnp.float32)
-  total = np.asarray(jnp.trace(c, axis1=-2, axis2=-1), np.float64)
-  if prev is not None:
-    # (I - VV^T) C (I - VV^T): project rows and columns onto the right complement.
-    proj = lambda x: cj.complement_right(prev, x)
-    c = proj(jnp.swapaxes(proj(c), -1, -2))
-  evals = np.asarray(jnp.linalg.eigvalsh(0.5 * (c + jnp.swapaxes(c, -1, -2))), np.float64)[..., ::-1]
-  rest = np.clip(evals, 0.0, None).sum(-1)
-  return total - rest, np.sqrt(np.clip(evals, 0.0, None)), total
+  total, evals = _cov_spectrum(jnp.asarray(cov), prev)
+  total = np.asarray(total, np.float64)
+  evals = np.clip(np.asarray(evals, np.float64)[..., ::-1], 0.0, None)
+  return total - evals.sum(-1), np.sqrt(evals), total
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -178,13 +178,9 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
 
   apply_fn, params = model_io.functional(model)
   policy_counts = step_lib.check_policy(params, config.osft)
-  tx = step_lib.build_optimizer(ocfg, config.osft, constrained=method.constrained)
   labels = step_lib.param_policy(config.osft.param_policy).labels(params)
-  trainable = jax.tree.map(lambda a: a != "freeze", labels)
+  tx, train_step = _optimizer_and_step(config, model, apply_fn, labels, p.kind, method.constrained)
   opt_state = tx.init(params)
-  train_step = step_lib.jit_step(step_lib.make_train_step(
-      apply_fn, tx, kind=p.kind, grad_accum=ocfg.grad_accum, bf16_compute=tcfg.bf16_compute,
-      clip_norm=ocfg.clip_norm, trainable=trainable))
   shapes = {path: s for path, s in model_io.constrained_matrices(model).items()
             if cj.flatten_with_paths(labels).get(path) == "constrain"}
   scheduler = sched_lib.TaskScheduler(config.osft, shapes, len(stages)) if method.constrained else None
@@ -302,6 +298,30 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   say(outputs.format_r_table(results, title=f"[{config.method}] R (accuracy %)"))
   say(outputs.format_summary(results))
   return results
+
+
+# Jitted train steps by everything they depend on, so runs in one process (the demo's two methods, a resume in a
+# test) do not compile the same step again.
+_STEP_CACHE: dict[str, tuple[Any, Any]] = {}
+
+
+def _optimizer_and_step(config: RunConfig, model: Any, apply_fn: Any, labels: Any, kind: str,
+                        constrained: bool) -> tuple[Any, Any]:
+  ocfg, tcfg, o = config.optimizer, config.training, config.osft
+  key = json.dumps({"model": model_io.model_config_dict(model), "family": model_io.family_of(model), "kind": kind,
+                    "optimizer": dataclasses.asdict(ocfg), "bf16": tcfg.bf16_compute, "constrained": constrained,
+                    "osft": [o.sides, o.project_gradients, o.max_rank_ratio], "labels": cj.flatten_with_paths(labels)},
+                   sort_keys=True, default=str)
+  if key not in _STEP_CACHE:
+    tx = step_lib.build_optimizer(ocfg, o, constrained=constrained)
+    trainable = jax.tree.map(lambda a: a != "freeze", labels)
+    step = step_lib.jit_step(step_lib.make_train_step(
+        apply_fn, tx, kind=kind, grad_accum=ocfg.grad_accum, bf16_compute=tcfg.bf16_compute,
+        clip_norm=ocfg.clip_norm, trainable=trainable))
+    while len(_STEP_CACHE) >= 4:
+      _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+    _STEP_CACHE[key] = (tx, step)
+  return _STEP_CACHE[key]
 
 
 def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any, it: BatchIterator,
