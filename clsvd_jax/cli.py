@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if ckpt is None:
       return _error(f"--checkpoint {path}: neither a checkpoint folder (with {ckpt_lib.META}) nor a run directory "
                     "holding one")
-    params = ckpt_lib.restore(ckpt, {"params": params})["params"]
+    params = runner.restore_params(cfg, p, ckpt)
     source = str(ckpt)
   res = eval_lib.evaluate_all(p.model, params, p.eval_splits, p.tokenizer, p.info, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, names=p.names,

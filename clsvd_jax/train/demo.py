@@ -46,6 +46,7 @@ DEMO_CONFIG: dict[str, Any] = {
   "training": {"steps_per_task": 150, "batch_size": 32, "max_length": 128, "max_target_length": 8, "seed": 0},
   "eval": {"batch_size": 100, "max_new_tokens": 6},
   "run_dir": "runs/demo/osft",
+  "data_dir": "runs/demo",
 }
 
 METHODS = ("seqft", "osft")

@@ -171,7 +171,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   for note in p.notes:
     say(f"note: {note}")
   method = get_method(config.method)
-  tcfg, ocfg = config.training, config.optimizer
+  tcfg = config.training
   num_tasks = len(p.names)
   stages = method.stages(num_tasks)
   model = p.model
@@ -298,6 +298,23 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   say(outputs.format_r_table(results, title=f"[{config.method}] R (accuracy %)"))
   say(outputs.format_summary(results))
   return results
+
+
+def restore_params(config: RunConfig, p: Prepared, ckpt: str | Path) -> Any:
+  """The parameters saved in a checkpoint of a run of ``config`` (for ``clsvd eval --checkpoint``)."""
+  method = get_method(config.method)
+  apply_fn, params = model_io.functional(p.model)
+  labels = step_lib.param_policy(config.osft.param_policy).labels(params)
+  tx, _ = _optimizer_and_step(config, p.model, apply_fn, labels, p.kind, method.constrained)
+  meta = ckpt_lib.read_meta(ckpt)
+  shapes = model_io.constrained_matrices(p.model)
+  full = set(meta.get("anchor_paths") or [])
+  anchor = {path: jnp.zeros(shapes[path] if path in full else (), jnp.float32)
+            for path in shapes if cj.flatten_with_paths(labels).get(path) == "constrain"}
+  rng = jax.random.key_data(jax.random.key(0))
+  target = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "anchor": anchor, "rng": rng}
+  target["opt_state"] = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), target["opt_state"])
+  return ckpt_lib.restore(ckpt, target)["params"]
 
 
 # Jitted train steps by everything they depend on, so runs in one process (the demo's two methods, a resume in a

@@ -1,0 +1,79 @@
+"""The ``clsvd`` command line: train (with --set), inspect, eval --checkpoint, demo plumbing, and error exits."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clsvd_jax import cli
+from clsvd_jax.train import demo
+
+sys.path.insert(0, str(Path(__file__).parent / "train"))
+from _train_helpers import TINY_MODEL, tiny_config_dict  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_inspect_eval(tmp_path, capsys):
+  d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft")
+  d.pop("run_dir")
+  path = tmp_path / "cfg.yaml"
+  path.write_text(yaml.safe_dump(d))
+  run_dir = tmp_path / "out"
+  assert cli.main(["train", str(path), "--set", "training.steps_per_task=3", "--run-dir", str(run_dir)]) == 0
+  res = json.loads((run_dir / "results.json").read_text())
+  assert res["config"]["training"]["steps_per_task"] == 3 and res["global_steps"] == 6
+  assert (run_dir / "config.yaml").is_file()
+  capsys.readouterr()
+
+  assert cli.main(["inspect", str(run_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "R (accuracy %" in out and "AA=" in out and "BWT=" in out and "low" in out
+  assert "no protected subspaces" in out and "plots:" in out
+
+  eval_out = tmp_path / "eval.json"
+  assert cli.main(["eval", str(path), "--checkpoint", str(run_dir), "--out", str(eval_out)]) == 0
+  got = json.loads(eval_out.read_text())
+  assert got["tasks"] == ["low", "high"]
+  # The newest checkpoint is the end of the run: the same accuracies as the last row of R.
+  assert got["accuracy"] == pytest.approx(res["R"][-1])
+  assert "step_00000006" in got["source"]
+
+
+def test_error_exits(tmp_path, capsys):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text(yaml.safe_dump({"model": {"config": {}, "tokenizer": "byt5"}, "tasks": [{"name": "a", "source":
+                                                                                          "synthetic"}],
+                                 "trainig": {"epochs": 1}}))
+  assert cli.main(["train", str(bad)]) == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err
+  assert "clsvd: error:" in err and "trainig: unknown key" in err and "training" in err
+  assert cli.main(["train", str(tmp_path / "missing.yaml")]) == cli.EXIT_BAD_INPUT
+  assert "not found" in capsys.readouterr().err
+  assert cli.main(["inspect", str(tmp_path)]) == cli.EXIT_BAD_INPUT
+  assert "results.json" in capsys.readouterr().err
+  assert cli.main(["eval", str(bad)]) == cli.EXIT_BAD_INPUT
+
+
+def test_demo_config_file_matches_the_builtin():
+  on_disk = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+  assert on_disk == demo.DEMO_CONFIG
+
+
+def test_demo_plumbing_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+  small = copy.deepcopy(demo.DEMO_CONFIG)
+  small["model"] = copy.deepcopy(TINY_MODEL)
+  small["tasks"] = [dict(t, max_train=16, max_eval=8) for t in small["tasks"][:2]]
+  small["eval"] = {"batch_size": 8, "max_new_tokens": 4}
+  small["training"]["batch_size"] = 4
+  monkeypatch.setattr(demo, "DEMO_CONFIG", small)
+  assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--quiet"]) == 0
+  out = capsys.readouterr().out
+  assert "[seqft] R" in out and "[osft] R" in out and "BWT" in out
+  summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+  assert set(summary) >= {"seqft", "osft", "seconds"}
+  assert (tmp_path / "demo" / "osft" / "protected_ranks.png").is_file()
+  assert (tmp_path / "demo" / "data" / "SYN" / "low" / "train.json").is_file()
