@@ -254,6 +254,55 @@ class CheckpointReader:
     return jax.make_array_from_callback(view.shape, sharding, host)
 
 
+  def get_stacked(self, names: Sequence[str], *, dtype: Any = None, sharding: jax.sharding.Sharding | None = None,
+                  expected_shape: Sequence[int] | None = None) -> jax.Array:
+    """Tensors of equal shape stacked on a new leading axis (per-block tensors -> one ``[L, ...]`` array).
+
+    Each device's slice is assembled on the host straight from the files (no device-side stacking, so no
+    device ever holds two copies), e.g. ``get_stacked([f"model.layers.{i}.mlp.up_proj.weight" for i in
+    range(L)], sharding=NamedSharding(mesh, P(None, "tensor", "fsdp")))``.
+
+    Args:
+      names: the tensors, in stacking order.
+      dtype, sharding: as in ``get``; the sharding is that of the stacked array.
+      expected_shape: the shape of ONE tensor (errors name the offending file and tensor).
+    """
+    if not names:
+      raise ValueError("get_stacked needs at least one tensor name")
+    views = [self.numpy(n, expected_shape=expected_shape) for n in names]
+    shape0 = views[0].shape
+    for n, v in zip(names, views):
+      if v.shape != shape0:
+        raise CheckpointError(f"{self.file_of(n)}: tensor {n!r} has shape {list(v.shape)} but {names[0]!r} has "
+                              f"{list(shape0)}; per-layer tensors of one kind must agree")
+    target = views[0].dtype if dtype is None else np.dtype(dtype)
+    shape = (len(views), *shape0)
+
+    def host(index: Any = ()) -> np.ndarray:
+      index = tuple(index) if isinstance(index, tuple) else (index,)
+      first, rest = (index[0], index[1:]) if index else (slice(None), ())
+      rows = range(len(views))[first]
+      out = np.empty((len(rows), *_sliced_shape(shape0, rest)), target)
+      for j, i in enumerate(rows):
+        out[j] = views[i][rest]
+      return out
+
+    if sharding is None:
+      return jax.device_put(host())
+    return jax.make_array_from_callback(shape, sharding, host)
+
+
+def _sliced_shape(shape: Sequence[int], index: tuple[Any, ...]) -> tuple[int, ...]:
+  """The shape of ``x[index]`` for an array of ``shape`` and an index of slices."""
+  out = []
+  for dim, size in enumerate(shape):
+    if dim < len(index):
+      out.append(len(range(size)[index[dim]]))
+    else:
+      out.append(size)
+  return tuple(out)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------------------
