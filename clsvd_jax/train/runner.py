@@ -369,7 +369,8 @@ def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any
         last = ckpt_lib.latest_checkpoint(config.run_dir)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise TrainingError(
-            f"non-finite loss ({loss}) or gradient norm ({float(m['grad_norm'])}) at step {state['step'] + 1} of "
+            f"non-finite loss ({loss}), gradient norm ({float(m['grad_norm'])}) or update norm "
+            f"({float(m['update_norm'])}) at step {state['step'] + 1} of "
             f"task {si + 1} ({name}), global step {state['global_step'] + 1}; the run stopped and nothing was "
             f"saved after it: {where}. Lower optimizer.lr, set optimizer.clip_norm, or try "
             "training.bf16_compute: false; then rerun with --resume")

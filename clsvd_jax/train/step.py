@@ -9,8 +9,8 @@ The step is a pure function ``step(params, opt_state, batch, lr) -> (params, opt
 * the learning rate is an argument (a traced scalar), so the per-task schedule is computed on the host and the
   step compiles once per batch shape. AdamW runs with learning rate 1 and the final update is scaled by ``lr``:
   the same as ``adamw(lr)`` because every projection is linear;
-* a non-finite loss or gradient leaves params and optimizer state unchanged and reports ``finite = False``, so the
-  runner can stop with the last good state intact.
+* a non-finite loss, gradient or update leaves params and optimizer state unchanged and reports
+  ``finite = False``, so the runner can stop with the last good state intact.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
 
   Returns:
     ``step(params, opt_state, batch, lr) -> (params, opt_state, metrics)`` with metrics ``loss`` (mean per target
-    token), ``tokens``, ``grad_norm`` and ``finite``.
+    token), ``tokens``, ``grad_norm``, ``update_norm`` and ``finite``.
   """
   keys = TRAIN_KEYS[kind]
 
@@ -163,13 +163,14 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
     loss = total / denom
     updates, new_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
+    update_norm = optax.global_norm(updates)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     # A bad step changes nothing: the runner stops on `finite == False` with the last good state.
     keep = lambda new, old: jnp.where(finite, new, old)
     new_params = jax.tree.map(keep, new_params, params)
     new_state = jax.tree.map(keep, new_state, opt_state)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
+    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "update_norm": update_norm, "finite": finite}
     return new_params, new_state, metrics
 
   return step
