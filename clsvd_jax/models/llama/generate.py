@@ -23,14 +23,16 @@ from clsvd_jax.models.llama.config import LlamaConfig
 
 
 def eos_array(eos_token_id: int | Sequence[int] | None, default: Sequence[int]) -> jax.Array:
-  """End ids as an int32 vector (possibly empty: then no sequence ends early)."""
+  """End ids as an int32 vector padded with -1 (never a token) to a multiple of 4 entries, so that a different
+  number of end ids rarely means a new compilation. All -1: no sequence ends early."""
   if eos_token_id is None:
     ids = tuple(default)
   elif isinstance(eos_token_id, int | np.integer):
     ids = (int(eos_token_id),)
   else:
     ids = tuple(int(e) for e in eos_token_id)
-  return jnp.asarray(ids, jnp.int32).reshape(-1)
+  size = max(4, -(-len(ids) // 4) * 4)
+  return jnp.asarray(ids + (-1,) * (size - len(ids)), jnp.int32)
 
 
 def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -143,6 +145,6 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, *, max_new_
   if pad_token_id is None:
     pad_token_id = config.pad_token_id
   if pad_token_id is None:
-    pad_token_id = int(eos[0]) if eos.size else 0
+    pad_token_id = max(int(eos[0]), 0)
   return greedy(model.params(), input_ids, attention_mask, eos, jnp.asarray(pad_token_id, jnp.int32), config=config,
                 max_new_tokens=int(max_new_tokens))
