@@ -159,8 +159,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   print(outputs.format_ranks(results))
   inv = results.get("invariant") or []
   if any(inv):
-    worst = max(((path, max(r.values()), i) for i, task in enumerate(inv) for path, r in task.items()),
-                key=lambda x: x[1])
+    worst = max(((path, max(r["left"], r["right"], r["block"]), i) for i, task in enumerate(inv)
+                 for path, r in task.items()), key=lambda x: x[1])
     print(f"\ninvariant: largest ratio {worst[1]:.2e} at {worst[0]} during task {worst[2] + 1}")
   if not args.no_plots:
     files = outputs.write_plots(results, args.run_dir)

@@ -111,40 +111,59 @@ def summarize(r: Any, *, baseline: Any | None = None, correct_last: Sequence[int
 
 
 @jax.jit
-def _ratios(dw: jax.Array, s: Subspace) -> tuple[jax.Array, jax.Array, jax.Array]:
-  dw = dw.astype(jnp.float32)
+def _ratios(before: jax.Array, after: jax.Array, s: Subspace) -> dict[str, jax.Array]:
+  after = after.astype(jnp.float32)
+  dw = after - before.astype(jnp.float32)
   s = s._replace(left=s.left.astype(jnp.float32), right=s.right.astype(jnp.float32))
-  axes = (-2, -1)
-  norm = jnp.sqrt(jnp.sum(dw * dw, axis=axes))
+  fro = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1)))
+  norm = fro(dw)
   # ||U^T dW|| = ||U U^T dW|| (orthonormal U); same on the right side.
-  left = jnp.sqrt(jnp.sum(jnp.square(subspace_lib.protected_left(s, dw)), axis=axes))
-  right = jnp.sqrt(jnp.sum(jnp.square(subspace_lib.protected_right(s, dw)), axis=axes))
-  block = jnp.sqrt(jnp.sum(jnp.square(subspace_lib.protected_right(s, subspace_lib.protected_left(s, dw))),
-                           axis=axes))
+  left = fro(subspace_lib.protected_left(s, dw))
+  right = fro(subspace_lib.protected_right(s, dw))
+  block = fro(subspace_lib.protected_right(s, subspace_lib.protected_left(s, dw)))
   safe = jnp.where(norm > 0, norm, 1.0)
   ratio = lambda x: jnp.where(norm > 0, x / safe, 0.0)
-  return ratio(left), ratio(right), ratio(block)
+  return {"left": ratio(left), "right": ratio(right), "block": ratio(block), "dw": norm, "w": fro(after)}
 
 
-def invariant_ratios(before: Mapping[str, Any], after: Mapping[str, Any],
-                     subspaces: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+# Unit roundoff of float32: every parameter update W + u is rounded, which alone moves W by up to this much
+# (relative) in every direction, protected ones included.
+F32_ROUNDOFF = 2.0**-24
+# A matrix counts as moved when its change is at least this many times the rounding noise of its updates;
+# below that, ||U^T dW|| / ||dW|| compares rounding noise with rounding noise and says nothing about the update.
+MOVED_FACTOR = 1e3
+
+
+def invariant_ratios(before: Mapping[str, Any], after: Mapping[str, Any], subspaces: Mapping[str, Any],
+                     steps: int = 1) -> dict[str, dict[str, float]]:
   """``||U^T dW||``, ``||dW V||`` and ``||U^T dW V||`` over ``||dW||`` per constrained matrix (max over layers).
+
+  Float32 weights are rounded at every update, so even an exactly projected update leaves
+  ``~sqrt(steps) * 2^-24 * ||W||`` in the protected directions. Layers whose ``||dW||`` is not at least
+  ``MOVED_FACTOR`` times that floor did not move (e.g. every free direction of their input is unused) and are
+  left out of the ratios (counted in ``static_layers``).
 
   Args:
     before: ``{path: W}`` at the start of the task.
     after: ``{path: W}`` at its end.
     subspaces: ``{path: Subspace}`` in force during the task (paths without one are skipped).
+    steps: optimizer steps of the task (for the rounding floor).
 
   Returns:
-    ``{path: {"left": ratio, "right": ratio, "block": ratio}}``; a matrix that did not move has ratio 0.
+    ``{path: {"left", "right", "block", "floor", "static_layers"}}``: the ratios (max over moved layers), the
+    largest rounding floor ``sqrt(steps) 2^-24 ||W|| / ||dW||`` among them, and the number of static layers.
   """
   out = {}
   for path, s in subspaces.items():
     if not isinstance(s, Subspace) or path not in before:
       continue
-    dw = jnp.asarray(after[path], jnp.float32) - jnp.asarray(before[path], jnp.float32)
-    left, right, block = _ratios(dw, s)
-    out[path] = {"left": float(jnp.max(left)), "right": float(jnp.max(right)), "block": float(jnp.max(block))}
+    r = {k: np.asarray(v, np.float64).reshape(-1) for k, v in
+         _ratios(jnp.asarray(before[path]), jnp.asarray(after[path]), s).items()}
+    noise = np.sqrt(max(steps, 1)) * F32_ROUNDOFF * r["w"]
+    moved = r["dw"] > MOVED_FACTOR * noise
+    floor = np.where(moved, noise / np.where(r["dw"] > 0, r["dw"], 1.0), 0.0)
+    entry = {k: float(np.max(r[k][moved])) if moved.any() else 0.0 for k in ("left", "right", "block")}
+    out[path] = entry | {"floor": float(floor.max()) if moved.any() else 0.0, "static_layers": int((~moved).sum())}
   return out
 
 

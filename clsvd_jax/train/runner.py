@@ -276,7 +276,8 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
           subs = {path: s for path, s in cj.flatten_with_paths(cj.get_subspaces(opt_state),
                                                                  is_leaf=sched_lib._is_node).items()
                   if isinstance(s, cj.Subspace)}
-          ratios = metrics_lib.invariant_ratios(anchor, cj.flatten_with_paths(params), subs)
+          ratios = metrics_lib.invariant_ratios(anchor, cj.flatten_with_paths(params), subs,
+                                                steps=state["step"])
         state["invariant"].append(ratios)
         state["phase"] = "eval"
 

@@ -52,6 +52,13 @@ def test_invariant_ratios_see_a_leak_and_a_clean_update():
   assert metrics.invariant_max([left_only], "left") < 1e-5
   assert metrics.invariant_max([left_only], "both") > 0.1
   assert metrics.invariant_max([], "both") == 0.0
+  # A layer that moved by rounding noise only is static: left out, counted, not reported as a leak.
+  still = w.at[0].add(1e-9 * g[0])
+  r = metrics.invariant_ratios({"w": w}, {"w": still + clean.at[0].set(0.0)}, {"w": s}, steps=10)
+  assert r["w"]["static_layers"] == 1 and r["w"]["left"] < 1e-5
+  assert 0 < r["w"]["floor"] < 1e-3
+  none_moved = metrics.invariant_ratios({"w": w}, {"w": w}, {"w": s})
+  assert none_moved["w"] == {"left": 0.0, "right": 0.0, "block": 0.0, "floor": 0.0, "static_layers": 2}
 
 
 def _base():

@@ -88,3 +88,14 @@ def test_resume_refuses_another_config(stream):
   d2["optimizer"]["lr"] = 1e-2
   with pytest.raises(C.ConfigError, match="written with another config"):
     _run(d2, resume=True)
+
+
+def test_mtl_trains_all_tasks_in_one_stage(tmp_path):
+  d = tiny_config_dict(tmp_path, method="mtl", tasks=("low", "high"),
+                       training={"bf16_compute": True, "steps_per_task": 3}, optimizer={"grad_accum": 2})
+  res = _run(d)
+  assert res["row_names"] == ["low+high"] and np.asarray(res["R"]).shape == (1, 2)
+  assert res["BWT"] is None and res["forgetting"] is None and res["FWT"] is None
+  assert res["global_steps"] == 3 and res["ranks"] == [] and res["invariant_max"] == 0.0
+  assert all(np.isfinite(res["train_loss"]))
+  assert (Path(d["run_dir"]) / "R_heatmap.png").is_file()
