@@ -121,8 +121,8 @@ def build_model(cfg: ModelConfig, *, base_dir: str | Path | None = None) -> Any:
   if init is not None:
     try:
       return init({**config, "model_type": config.get("model_type", cfg.family)}, seed=cfg.init_seed, dtype=dtype)
-    except TypeError:
-      pass  # an older signature: fall through to the family module
+    except (ValueError, KeyError) as e:
+      raise ConfigError(f"model.config: {e}") from None
   family = _family_module(cfg.family)
   if cfg.family == "t5":
     try:
