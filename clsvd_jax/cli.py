@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
   i.add_argument("run_dir", nargs="?", help="a run directory with results.json")
   i.add_argument("--memory", metavar="CONFIG", help="per-device memory of a config's model on its mesh (a YAML run "
                                                     "config, a model preset or a config.json)")
+  i.add_argument("--accelerator", help="with --memory: e.g. v5p-64 (device count and memory per device)")
+  i.add_argument("--devices", type=int, help="with --memory: number of devices (default: the accelerator's, else "
+                                             "the devices of this machine)")
   i.add_argument("--no-plots", action="store_true", help="do not (re)write the plots")
   return p
 
@@ -115,14 +118,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
   return 0
 
 
-def _memory_report(target: str) -> str:
+def _memory_report(target: str, *, accelerator: str | None = None, devices: int | None = None) -> str:
   """The hook of ``--memory``: ``clsvd_jax.parallel`` computes it (per-device bytes of params, moments, bases)."""
   from clsvd_jax import parallel
 
   hook = getattr(parallel, "inspect_memory", None)
   if hook is not None:
-    return hook(target)
+    return hook(target, accelerator=accelerator, devices=devices)
   kwargs: dict[str, Any] = {}
+  if accelerator:
+    kwargs["accelerator"] = accelerator
+  if devices or not accelerator:
+    import jax
+
+    kwargs["devices"] = devices or jax.device_count()
   model_config: Any = target
   if target.endswith((".yaml", ".yml")):
     from clsvd_jax.train import step as step_lib
@@ -133,7 +142,7 @@ def _memory_report(target: str) -> str:
       model_config = m.path if Path(m.path).is_absolute() else str(Path(cfg.data_dir or ".") / m.path)
     else:
       model_config = {"model_type": m.family, **(m.config or {})}
-    kwargs = {"dtype": m.dtype, "policy": step_lib.param_policy(cfg.osft.param_policy),
+    kwargs |= {"dtype": m.dtype, "policy": step_lib.param_policy(cfg.osft.param_policy),
               "max_rank_ratio": cfg.osft.max_rank_ratio}
     if cfg.mesh is not None:
       kwargs["mesh_shape"] = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
@@ -144,7 +153,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   from clsvd_jax.train import outputs
 
   if args.memory:
-    print(_memory_report(args.memory))
+    try:
+      print(_memory_report(args.memory, accelerator=args.accelerator, devices=args.devices))
+    except ValueError as e:
+      return _error(f"inspect --memory {args.memory}: {e}")
     if not args.run_dir:
       return 0
   if not args.run_dir:

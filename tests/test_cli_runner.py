@@ -77,3 +77,13 @@ def test_demo_plumbing_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   assert set(summary) >= {"seqft", "osft", "seconds"}
   assert (tmp_path / "demo" / "osft" / "protected_ranks.png").is_file()
   assert (tmp_path / "demo" / "data" / "SYN" / "low" / "train.json").is_file()
+
+
+def test_inspect_memory_hook(capsys):
+  assert cli.main(["inspect", "--memory", "llama-2-7b", "--accelerator", "v5p-64"]) == 0
+  out = capsys.readouterr().out
+  assert "Adam moments" in out and "subspace bases" in out
+  assert cli.main(["inspect", "--memory", str(REPO / "configs" / "demo.yaml"), "--devices", "1"]) == 0
+  assert "per device" in capsys.readouterr().out
+  assert cli.main(["inspect", "--memory", "no-such-model"]) == cli.EXIT_BAD_INPUT
+  assert "inspect --memory no-such-model" in capsys.readouterr().err
