@@ -332,7 +332,9 @@ def _to_host(name: str, value: Any) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     value = multihost_utils.process_allgather(value, tiled=True)
-  arr = np.ascontiguousarray(np.asarray(value))
+  arr = np.asarray(value)
+  if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    arr = arr.copy(order="C")
   if arr.dtype not in _TAGS:
     raise CheckpointError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
   return arr
