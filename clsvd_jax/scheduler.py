@@ -230,10 +230,14 @@ class TaskScheduler:
     config: the ``osft`` section (rank policy, basis source, start task, moments).
     shapes: ``{path: shape}`` of the constrained matrices.
     num_tasks: tasks in the stream.
+    compute_fn: ``compute_subspaces`` or a drop-in (e.g. ``clsvd_jax.parallel.compute_subspaces_sharded`` bound
+      to a mesh); called as ``compute_fn(params, ranks, previous=..., covariances=...)``.
   """
 
-  def __init__(self, config: OsftConfig, shapes: Mapping[str, Shape], num_tasks: int):
+  def __init__(self, config: OsftConfig, shapes: Mapping[str, Shape], num_tasks: int,
+               compute_fn: Callable[..., Any] | None = None):
     self.config = config
+    self.compute_fn = compute_fn or cj.compute_subspaces
     self.shapes = {p: tuple(int(d) for d in s) for p, s in shapes.items()}
     self.num_tasks = int(num_tasks)
     self.next_task = 0
@@ -249,14 +253,15 @@ class TaskScheduler:
             "shapes": {p: list(s) for p, s in self.shapes.items()}}
 
   @classmethod
-  def from_dict(cls, config: OsftConfig, state: Mapping[str, Any]) -> TaskScheduler:
+  def from_dict(cls, config: OsftConfig, state: Mapping[str, Any],
+                compute_fn: Callable[..., Any] | None = None) -> TaskScheduler:
     """Rebuilds a scheduler from ``to_dict`` output.
 
     Raises:
       ValueError: when the saved shapes differ from the model's (a checkpoint of another model).
     """
     shapes = {p: tuple(s) for p, s in state["shapes"].items()}
-    out = cls(config, shapes, state["num_tasks"])
+    out = cls(config, shapes, state["num_tasks"], compute_fn)
     out.next_task = int(state["next_task"])
     out.ranks = {p: np.asarray(k, np.int32) for p, k in state["ranks"].items()}
     out.records = list(state["records"])
@@ -358,7 +363,7 @@ class TaskScheduler:
         # A capacity set by max_rank_ratio bounds what a side can hold; stay inside it.
         cap = _capacity_rank(self.shapes[path], previous.get(path))
         ranks[path] = np.maximum(np.minimum(k, cap), self.ranks[path]).astype(np.int32)
-      subs = cj.compute_subspaces(params, ranks, previous=previous_tree,
+      subs = self.compute_fn(params, ranks, previous=previous_tree,
                                   covariances=covs or None)
       opt_state = cj.set_subspaces(opt_state, subs)
       new_flat = {p: s for p, s in cj.flatten_with_paths(subs, is_leaf=_is_node).items()

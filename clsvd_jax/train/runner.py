@@ -17,6 +17,7 @@ continues from the newest checkpoint of ``run_dir`` and produces the same result
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -179,11 +180,23 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   apply_fn, params = model_io.functional(model)
   policy_counts = step_lib.check_policy(params, config.osft)
   labels = step_lib.param_policy(config.osft.param_policy).labels(params)
-  tx, train_step = _optimizer_and_step(config, model, apply_fn, labels, p.kind, method.constrained)
-  opt_state = tx.init(params)
+  tx, train_step, raw_step = _optimizer_and_step(config, model, apply_fn, labels, p.kind, method.constrained)
+  mesh = None
+  if config.mesh is not None:
+    mesh, params, opt_state, train_step, put_batch, o_sh = _on_mesh(config, tx, raw_step, params, p.kind)
+  else:
+    opt_state = tx.init(params)
+    put_batch, o_sh = None, None
   shapes = {path: s for path, s in model_io.constrained_matrices(model).items()
             if cj.flatten_with_paths(labels).get(path) == "constrain"}
-  scheduler = sched_lib.TaskScheduler(config.osft, shapes, len(stages)) if method.constrained else None
+  scheduler = None
+  if method.constrained:
+    compute = None
+    if mesh is not None:
+      from clsvd_jax import parallel
+
+      compute = functools.partial(parallel.compute_subspaces_sharded, mesh=mesh)
+    scheduler = sched_lib.TaskScheduler(config.osft, shapes, len(stages), compute_fn=compute)
   rng = jax.random.key_data(jax.random.key(tcfg.seed))
   anchor = {path: jnp.zeros((), jnp.float32) for path in shapes}
 
@@ -202,14 +215,16 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
                           f"{meta['run']['config_hash']} vs {state['config_hash']}); resume with the same config "
                           "or start a new run_dir")
       if meta.get("anchor_paths"):
-        anchor = {path: jnp.zeros(shapes[path], jnp.float32) for path in meta["anchor_paths"]}
+        # Restore target: same shapes and layout as the weights.
+        flat = cj.flatten_with_paths(params)
+        anchor = _copy_f32({path: flat[path] for path in meta["anchor_paths"]})
       target = {"params": params, "opt_state": opt_state, "anchor": anchor, "rng": rng}
       restored = ckpt_lib.restore(found, target)
       params, opt_state, anchor, rng = (restored["params"], restored["opt_state"], restored["anchor"],
                                         restored["rng"])
       state = meta["run"]
       if scheduler is not None:
-        scheduler = sched_lib.TaskScheduler.from_dict(config.osft, meta["scheduler"])
+        scheduler = sched_lib.TaskScheduler.from_dict(config.osft, meta["scheduler"], compute_fn=scheduler.compute_fn)
       last_ckpt = found
       say(f"resumed from {found} (stage {state['stage'] + 1}/{len(stages)}, step {state['step']}, "
           f"phase {state['phase']})")
@@ -261,15 +276,19 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
                 f"(policy {rec['policy']}, basis {rec['basis_source']})")
         if config.osft.reset_moments and si > 0:
           opt_state = sched_lib.reset_moments(tx, params, opt_state) if method.constrained else tx.init(params)
+          if o_sh is not None:
+            opt_state = jax.device_put(opt_state, o_sh)
         if config.eval.invariant_check and scheduler is not None:
           flat = cj.flatten_with_paths(params)
-          anchor = {path: jnp.array(flat[path], jnp.float32, copy=True) for path in shapes}
+          # A fresh float32 copy in the weights' own layout (the step donates the params' buffers).
+          anchor = _copy_f32({path: flat[path] for path in shapes})
         state.update(phase="train", step=0, position=it.position.to_dict())
 
       if state["phase"] == "train":
         params, opt_state = _train_stage(
             config, train_step, params, opt_state, it, total_steps, state, writer, name, si, len(stages),
-            save, stop=lambda: stop_after_steps is not None and counter[0] >= stop_after_steps, counter=counter)
+            save, put_batch=put_batch, counter=counter,
+            stop=lambda: stop_after_steps is not None and counter[0] >= stop_after_steps)
         # Invariant over the task: protected directions of every constrained matrix untouched.
         ratios = {}
         if config.eval.invariant_check and scheduler is not None:
@@ -306,7 +325,7 @@ def restore_params(config: RunConfig, p: Prepared, ckpt: str | Path) -> Any:
   method = get_method(config.method)
   apply_fn, params = model_io.functional(p.model)
   labels = step_lib.param_policy(config.osft.param_policy).labels(params)
-  tx, _ = _optimizer_and_step(config, p.model, apply_fn, labels, p.kind, method.constrained)
+  tx, _, _ = _optimizer_and_step(config, p.model, apply_fn, labels, p.kind, method.constrained)
   meta = ckpt_lib.read_meta(ckpt)
   shapes = model_io.constrained_matrices(p.model)
   full = set(meta.get("anchor_paths") or [])
@@ -324,7 +343,8 @@ _STEP_CACHE: dict[str, tuple[Any, Any]] = {}
 
 
 def _optimizer_and_step(config: RunConfig, model: Any, apply_fn: Any, labels: Any, kind: str,
-                        constrained: bool) -> tuple[Any, Any]:
+                        constrained: bool) -> tuple[Any, Any, Any]:
+  """``(tx, jitted step, raw step)`` for a run, cached by everything they depend on."""
   ocfg, tcfg, o = config.optimizer, config.training, config.osft
   key = json.dumps({"model": model_io.model_config_dict(model), "family": model_io.family_of(model), "kind": kind,
                     "optimizer": dataclasses.asdict(ocfg), "bf16": tcfg.bf16_compute, "constrained": constrained,
@@ -333,19 +353,46 @@ def _optimizer_and_step(config: RunConfig, model: Any, apply_fn: Any, labels: An
   if key not in _STEP_CACHE:
     tx = step_lib.build_optimizer(ocfg, o, constrained=constrained)
     trainable = jax.tree.map(lambda a: a != "freeze", labels)
-    step = step_lib.jit_step(step_lib.make_train_step(
-        apply_fn, tx, kind=kind, grad_accum=ocfg.grad_accum, bf16_compute=tcfg.bf16_compute,
-        clip_norm=ocfg.clip_norm, trainable=trainable))
+    raw = step_lib.make_train_step(apply_fn, tx, kind=kind, grad_accum=ocfg.grad_accum,
+                                   bf16_compute=tcfg.bf16_compute, clip_norm=ocfg.clip_norm, trainable=trainable)
     while len(_STEP_CACHE) >= 4:
       _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-    _STEP_CACHE[key] = (tx, step)
+    _STEP_CACHE[key] = (tx, step_lib.jit_step(raw), raw)
   return _STEP_CACHE[key]
+
+
+@jax.jit
+def _copy_f32(tree: Any) -> Any:
+  return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def _on_mesh(config: RunConfig, tx: Any, raw_step: Any, params: Any, kind: str) -> tuple[Any, ...]:
+  """Lays params and optimizer state out on the config's mesh (``clsvd_jax.parallel``: FSDP / tensor rules, bases
+  following their weights) and jits the step with explicit shardings; batches are split over data x fsdp."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from clsvd_jax import parallel
+
+  m = config.mesh
+  mesh = parallel.make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+  params, opt_state, p_sh, o_sh = parallel.shard_training_state(params, tx, mesh)
+  repl = NamedSharding(mesh, PartitionSpec())
+  spec = parallel.batch_spec(2)
+  keys = step_lib.TRAIN_KEYS[kind]
+  b_sh = {k: NamedSharding(mesh, spec) for k in keys}
+  step = jax.jit(raw_step, in_shardings=(p_sh, o_sh, b_sh, repl), out_shardings=(p_sh, o_sh, repl),
+                 donate_argnums=(0, 1))
+
+  def put_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
+
+  return mesh, params, opt_state, step, put_batch, o_sh
 
 
 def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any, it: BatchIterator,
                  total_steps: int, state: dict[str, Any], writer: _Writer, name: str, si: int, num_stages: int,
-                 save: Callable[[Any, Any], Path], *, stop: Callable[[], bool], counter: list[int]
-                 ) -> tuple[Any, Any]:
+                 save: Callable[[Any, Any], Path], *, put_batch: Callable[[Any], Any] | None,
+                 stop: Callable[[], bool], counter: list[int]) -> tuple[Any, Any]:
   """The optimizer steps of one stage, from ``state['step']`` to ``total_steps``."""
   tcfg = config.training
   timer = step_lib.StepTimer()
@@ -361,6 +408,8 @@ def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any
       if stop():
         raise RunInterrupted(f"stopped after {counter[0]} steps (stop_after_steps)")
       batch = step_lib.device_batch(next(it), it.data.kind)
+      if put_batch is not None:
+        batch = put_batch(batch)
       lr = step_lib.learning_rate(state["step"], total_steps, config.optimizer)
       t0 = time.perf_counter()
       params, opt_state, m = train_step(params, opt_state, batch, jnp.asarray(lr, jnp.float32))
