@@ -10,6 +10,7 @@ Parameter paths (nested dict keys joined by "/"; layers stacked on axis 0):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import warnings
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from clsvd_jax._src.tree_paths import flatten_with_paths
+from clsvd_jax.models.checkpoint import MissingTensorError
 from clsvd_jax.models.t5 import params as t5_params
 from clsvd_jax.models.t5.config import T5Config, config_from_hf, config_to_hf
 from clsvd_jax.models.t5.generate import generate
@@ -55,34 +57,34 @@ def init(config: T5Config, *, seed: int = 0, dtype: Any = jnp.float32) -> T5Mode
 
 
 def _reader_source(reader: Any) -> str:
-  path = getattr(reader, "path", None) or getattr(reader, "directory", None)
+  path = getattr(reader, "path", None)
   return str(path) if path is not None else "checkpoint"
 
 
-def _spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
-          partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.PartitionSpec:
+def _sharding(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh | None,
+              partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.Sharding | None:
   """The project's partition-rule semantics (``clsvd_jax.parallel.rules``): first matching regex wins, its spec
   covers the trailing dims (the stacked layer axis stays whole), logical axes map to mesh axes, and a dim its mesh
   axes do not divide is replicated."""
+  if mesh is None:
+    return None
   from clsvd_jax.parallel import rules as rules_lib  # models must not need the parallel package to import
 
   rules = rules_lib.DEFAULT_RULES if partition_rules is None else tuple(partition_rules)
-  return rules_lib.spec_for(path, shape, mesh, rules)
+  return jax.sharding.NamedSharding(mesh, rules_lib.spec_for(path, shape, mesh, rules))
 
 
 def _untie_if_distinct(reader: Any, config: T5Config, keys: set[str]) -> T5Config:
   """transformers v5 writes ``tie_word_embeddings: true`` for every T5 and keeps a distinct ``lm_head.weight``
   untied; v4-era files may also hold a copy of the embedding under that name. Follow what the tensors say."""
-  import dataclasses
-
   if config.tie_word_embeddings and "lm_head.weight" in keys:
-    head = np.asarray(reader.get("lm_head.weight"))
-    shared = np.asarray(reader.get(_shared_name(reader, keys)))
+    head = reader.numpy("lm_head.weight")
+    shared = reader.numpy(_shared_name(reader, keys))
     if head.shape != shared.shape or not np.array_equal(head, shared):
       return dataclasses.replace(config, tie_word_embeddings=False)
   if not config.tie_word_embeddings and "lm_head.weight" not in keys:
     # transformers v5 ties the head in this case too; do the same so both compute the same logits.
-    warnings.warn(f"{_reader_source(reader)}: config.json says tie_word_embeddings=false but the checkpoint has no "
+    warnings.warn(f"{_reader_source(reader)}/config.json says tie_word_embeddings=false but the checkpoint has no "
                   "'lm_head.weight'; using the shared embedding as the head (as transformers does)", stacklevel=3)
     return dataclasses.replace(config, tie_word_embeddings=True)
   return config
@@ -92,23 +94,16 @@ def _shared_name(reader: Any, keys: set[str]) -> str:
   for name in t5_params.SHARED_ALIASES:
     if name in keys:
       return name
-  raise KeyError(f"{_reader_source(reader)}: tensor 'shared.weight' (the token embedding) is missing from the "
-                 "checkpoint; a T5 checkpoint needs it (or 'encoder.embed_tokens.weight')")
-
-
-def _stack_layers(arrays: list[jax.Array], sharding: jax.sharding.Sharding | None) -> jax.Array:
-  if sharding is None:
-    return jnp.stack(arrays)
-  # out_shardings (not a sharding constraint) works for Auto and Explicit mesh axes alike.
-  return jax.jit(jnp.stack, out_shardings=sharding)(arrays)
+  raise MissingTensorError(f"{_reader_source(reader)}: tensor 'shared.weight' (the token embedding) is missing from "
+                           "the checkpoint; a T5 checkpoint needs it (or 'encoder.embed_tokens.weight')")
 
 
 def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
          partition_rules: Sequence[tuple[str, Any]] | None = None) -> T5Model:
   """Builds a model from a Hugging Face T5 checkpoint.
 
-  Per-block tensors are read one by one (each with its slice of the stacked sharding when a mesh is given, so no
-  host holds a whole stacked array) and stacked on device.
+  Stacked parameters are assembled per device slice straight from the per-block tensors of the files
+  (``CheckpointReader.get_stacked``), so no host or device holds more than its own shard plus one copy.
 
   Args:
     reader: a ``clsvd_jax.models.checkpoint.CheckpointReader`` over the checkpoint directory.
@@ -120,7 +115,7 @@ def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.s
       ``clsvd_jax.parallel.rules.DEFAULT_RULES``.
 
   Raises:
-    KeyError / ValueError: from the reader, naming the file and tensor, when a tensor is missing or misshaped.
+    CheckpointError / MissingTensorError: from the reader, naming the file and tensor (missing, misshaped).
   """
   keys = set(reader.keys())
   config = _untie_if_distinct(reader, config, keys)
@@ -129,16 +124,9 @@ def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.s
   flat = {}
   for entry in t5_params.key_map(config):
     shape = shapes[entry.path]
-    sharding = sub_sharding = None
-    if mesh is not None:
-      spec = tuple(_spec(entry.path, shape, mesh, partition_rules))
-      spec = spec + (None,) * (len(shape) - len(spec))
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-      sub_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    sharding = _sharding(entry.path, shape, mesh, partition_rules)
     if entry.stacked:
-      parts = [reader.get(name, dtype=dtype, sharding=sub_sharding, expected_shape=shape[1:])
-               for name in entry.hf_names]
-      flat[entry.path] = _stack_layers(parts, sharding)
+      flat[entry.path] = reader.get_stacked(entry.hf_names, dtype=dtype, sharding=sharding, expected_shape=shape[1:])
     else:
       name = shared_name if entry.path == "shared/embedding" else entry.hf_names[0]
       flat[entry.path] = reader.get(name, dtype=dtype, sharding=sharding, expected_shape=shape)
