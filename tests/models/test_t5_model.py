@@ -280,3 +280,60 @@ def test_gradients_match_torch_backward(gated):
   np.testing.assert_allclose(grads["encoder/layers/mlp/wi_0/weight"][0], want, atol=1e-5, rtol=1e-3)
   want = tm.shared.weight.grad.numpy()
   np.testing.assert_allclose(grads["shared/embedding"], want, atol=1e-5, rtol=1e-3)
+
+
+def test_matrix_input_covariances_match_torch_hooks(gated):
+  """The covariance of every constrained matrix's input equals ``sum x x^T`` over the real tokens of what torch's
+  corresponding ``nn.Linear`` receives (forward pre-hooks), on two padded batches."""
+  tm, model = gated
+  batches = []
+  for seed in (5, 6):
+    ids, mask, dec, dec_mask = _batch(seed)
+    batches.append({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec,
+                    "decoder_attention_mask": dec_mask})
+  covs = t5.matrix_input_covariances(model, batches)
+  assert set(covs) == set(t5.constrained_matrices(model))
+
+  want: dict[str, np.ndarray] = {}
+  current: dict[str, np.ndarray] = {}
+
+  def hook(path, layer, stack):
+    def fn(_module, args):
+      x = args[0].detach().numpy().astype(np.float64)
+      # Cross-attention k/v read the encoder output: its real tokens are the encoder's.
+      tokens = current["enc"] if stack == "encoder" or "/cross_attn/k/" in path or "/cross_attn/v/" in path \
+        else current["dec"]
+      c = np.einsum("bti,btj->ij", x * tokens[..., None], x * tokens[..., None])
+      key = (path, layer)
+      want[key] = want.get(key, 0) + c
+    return fn
+
+  handles = []
+  for stack, blocks in (("encoder", tm.encoder.block), ("decoder", tm.decoder.block)):
+    for i, block in enumerate(blocks):
+      attns = [("self_attn", block.layer[0].SelfAttention)]
+      if stack == "decoder":
+        attns.append(("cross_attn", block.layer[1].EncDecAttention))
+      for ours, attn in attns:
+        for m in ("q", "k", "v", "o"):
+          path = f"{stack}/layers/{ours}/{m}/weight"
+          handles.append(getattr(attn, m).register_forward_pre_hook(hook(path, i, stack)))
+      ff = block.layer[-1].DenseReluDense
+      for m in ("wi_0", "wi_1", "wo"):
+        handles.append(getattr(ff, m).register_forward_pre_hook(hook(f"{stack}/layers/mlp/{m}/weight", i, stack)))
+  try:
+    with torch.no_grad():
+      for b in batches:
+        current.update(enc=b["attention_mask"].astype(np.float64), dec=b["decoder_attention_mask"].astype(np.float64))
+        tm(input_ids=torch.tensor(b["input_ids"]), attention_mask=torch.tensor(b["attention_mask"]),
+           decoder_input_ids=torch.tensor(b["decoder_input_ids"]),
+           decoder_attention_mask=torch.tensor(b["decoder_attention_mask"]))
+  finally:
+    for h in handles:
+      h.remove()
+  for path, c in covs.items():
+    assert c.shape == (c.shape[0], c.shape[1], c.shape[1]) and c.dtype == jnp.float32
+    for layer in range(c.shape[0]):
+      ref = want[(path, layer)]
+      np.testing.assert_allclose(np.asarray(c[layer]), ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max(),
+                                 err_msg=f"{path} layer {layer}")

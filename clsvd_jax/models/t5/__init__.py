@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,6 +24,7 @@ from flax import nnx
 
 from clsvd_jax._src.tree_paths import flatten_with_paths
 from clsvd_jax.models.checkpoint import MissingTensorError
+from clsvd_jax.models.t5 import model as model_lib
 from clsvd_jax.models.t5 import params as t5_params
 from clsvd_jax.models.t5.config import T5Config, config_from_hf, config_to_hf
 from clsvd_jax.models.t5.generate import generate
@@ -44,6 +45,7 @@ Config = T5Config
 __all__ = [
   "MODEL_TYPES", "Config", "T5Config", "T5Model", "config_from_hf", "config_to_hf", "load", "export", "init",
   "generate", "functional", "update_model", "block_hidden_states", "constrained_matrices", "shift_right",
+  "matrix_input_covariances",
   "param_shapes",
 ]
 
@@ -175,3 +177,27 @@ def block_hidden_states(model: T5Model, input_ids: Any, decoder_input_ids: Any, 
 def constrained_matrices(model: T5Model) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of the attention (self and cross) and feed-forward matrices, stacked ``[L, out, in]``."""
   return {p: s for p, s in flat_shapes(model.config).items() if _CONSTRAINED.search(p)}
+
+
+def matrix_input_covariances(model: T5Model, batches: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
+  """``{path: [L, in, in]}``: sums of ``x x^T`` over the real tokens of ``batches`` of the input of every
+  constrained matrix (basis source ``activations``, DESIGN 4b).
+
+  Args:
+    model: a ``T5Model``.
+    batches: dicts with ``input_ids`` and ``decoder_input_ids`` and optionally ``attention_mask`` and
+      ``decoder_attention_mask`` (1 for real tokens).
+  """
+  as_ids = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  total: dict[str, jax.Array] = {}
+  params = model.params()
+  for i, batch in enumerate(batches):
+    missing = [k for k in ("input_ids", "decoder_input_ids") if k not in batch]
+    if missing:
+      raise ValueError(f"T5 covariance batch {i} lacks {missing}; it needs input_ids and decoder_input_ids "
+                       "(attention masks optional)")
+    covs = model_lib.input_covariances(params, as_ids(batch["input_ids"]), as_ids(batch["decoder_input_ids"]),
+                                       as_ids(batch.get("attention_mask")),
+                                       as_ids(batch.get("decoder_attention_mask")), config=model.config)
+    total = covs if not total else {k: total[k] + v for k, v in covs.items()}
+  return total

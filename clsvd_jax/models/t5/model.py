@@ -339,23 +339,66 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mas
   return out.reshape(*out.shape[:2], -1)
 
 
-def _feed_forward(p: Params, x: jax.Array, config: T5Config) -> jax.Array:
+Taps = dict[str, jax.Array] | None
+
+
+def _feed_forward(p: Params, x: jax.Array, config: T5Config, taps: Taps = None) -> jax.Array:
   if config.is_gated_act:
     h = activation(config.dense_act_fn, linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
   else:
     h = activation(config.dense_act_fn, linear(x, p["wi"]["weight"]))
-  return linear(h.astype(p["wo"]["weight"].dtype), p["wo"]["weight"])
+  h = h.astype(p["wo"]["weight"].dtype)
+  if taps is not None:
+    taps.update({name: x for name in p if name != "wo"}, wo=h)
+  return linear(h, p["wo"]["weight"])
 
 
-def _self_attention(p: Params, x: jax.Array, bias: jax.Array, mask: jax.Array | None, config: T5Config) -> jax.Array:
-  q, k, v = (_heads(linear(x, p[n]["weight"]), config) for n in ("q", "k", "v"))
-  return linear(attend(q, k, v, bias, mask), p["o"]["weight"])
+def _attention(p: Params, x: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array | None,
+               mask: jax.Array | None, config: T5Config, taps: Taps = None) -> jax.Array:
+  heads = attend(_heads(linear(x, p["q"]["weight"]), config), keys, values, bias, mask)
+  if taps is not None:
+    taps.update(q=x, o=heads)
+  return linear(heads, p["o"]["weight"])
 
 
-def _cross_attention(p: Params, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
-                     config: T5Config) -> jax.Array:
-  q = _heads(linear(x, p["q"]["weight"]), config)
-  return linear(attend(q, keys, values, None, mask), p["o"]["weight"])
+def _kv(p: Params, x: jax.Array, config: T5Config) -> tuple[jax.Array, jax.Array]:
+  return _heads(linear(x, p["k"]["weight"]), config), _heads(linear(x, p["v"]["weight"]), config)
+
+
+def _prefixed(taps: dict[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
+  return {f"{prefix}/{k}": v for k, v in taps.items()}
+
+
+def encoder_block(p: Params, h: jax.Array, *, bias: jax.Array, mask: jax.Array | None, config: T5Config,
+                  taps: Taps = None) -> jax.Array:
+  """One encoder block. With ``taps`` (a dict), records the input of every matrix under ``"self_attn/q"``, ...
+  (``k``/``v`` share ``q``'s input and are not repeated; see ``input_covariances``)."""
+  eps = config.layer_norm_epsilon
+  attn_taps, mlp_taps = ({}, {}) if taps is not None else (None, None)
+  x = rms_norm(h, p["self_attn_norm"]["scale"], eps)
+  h = h + _attention(p["self_attn"], x, *_kv(p["self_attn"], x, config), bias, mask, config, attn_taps)
+  h = h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config, mlp_taps)
+  if taps is not None:
+    taps.update(_prefixed(attn_taps, "self_attn") | _prefixed(mlp_taps, "mlp"))
+  return h
+
+
+def decoder_block(p: Params, h: jax.Array, *, bias: jax.Array, self_mask: jax.Array | None,
+                  encoder_states: jax.Array, cross_mask: jax.Array | None, config: T5Config,
+                  taps: Taps = None) -> jax.Array:
+  """One decoder block over a whole target sequence (taps as in ``encoder_block``; the cross-attention ``k``/``v``
+  input is ``encoder_states`` and is not recorded)."""
+  eps = config.layer_norm_epsilon
+  self_taps, cross_taps, mlp_taps = ({}, {}, {}) if taps is not None else (None, None, None)
+  x = rms_norm(h, p["self_attn_norm"]["scale"], eps)
+  h = h + _attention(p["self_attn"], x, *_kv(p["self_attn"], x, config), bias, self_mask, config, self_taps)
+  ca = p["cross_attn"]
+  x = rms_norm(h, p["cross_attn_norm"]["scale"], eps)
+  h = h + _attention(ca, x, *_kv(ca, encoder_states, config), None, cross_mask, config, cross_taps)
+  h = h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config, mlp_taps)
+  if taps is not None:
+    taps.update(_prefixed(self_taps, "self_attn") | _prefixed(cross_taps, "cross_attn") | _prefixed(mlp_taps, "mlp"))
+  return h
 
 
 def _run_blocks(layers: Params, x: jax.Array, block_fn: Any, collect: bool) -> tuple[jax.Array, Any]:
@@ -373,49 +416,42 @@ def _key_mask(mask: jax.Array | None) -> jax.Array | None:
   return None if mask is None else (mask.astype(bool))[:, None, None, :]
 
 
+def _encoder_setup(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None, config: T5Config):
+  length = input_ids.shape[1]
+  bias = position_bias(params["encoder"]["relative_attention_bias"]["embedding"], jnp.arange(length), length,
+                       bidirectional=True, config=config)
+  return params["shared"]["embedding"][input_ids], bias, _key_mask(attention_mask)
+
+
+def _decoder_setup(params: Params, decoder_input_ids: jax.Array, decoder_attention_mask: jax.Array | None,
+                   config: T5Config):
+  length = decoder_input_ids.shape[1]
+  bias = position_bias(params["decoder"]["relative_attention_bias"]["embedding"], jnp.arange(length), length,
+                       bidirectional=False, config=config)
+  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  self_mask = causal if decoder_attention_mask is None else causal & _key_mask(decoder_attention_mask)
+  return params["shared"]["embedding"][decoder_input_ids], bias, self_mask
+
+
 def encode(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, config: T5Config,
            collect: bool = False) -> tuple[jax.Array, Any]:
   """Encoder: returns the final hidden states ``[B, S, D]`` and, with ``collect``, per-block (inputs, outputs)."""
-  enc = params["encoder"]
-  x = params["shared"]["embedding"][input_ids]
-  length = input_ids.shape[1]
-  bias = position_bias(enc["relative_attention_bias"]["embedding"], jnp.arange(length), length,
-                       bidirectional=True, config=config)
-  mask = _key_mask(attention_mask)
-  eps = config.layer_norm_epsilon
-
-  def block(p, h):
-    h = h + _self_attention(p["self_attn"], rms_norm(h, p["self_attn_norm"]["scale"], eps), bias, mask, config)
-    return h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config)
-
-  x, states = _run_blocks(enc["layers"], x, block, collect)
-  return rms_norm(x, enc["final_norm"]["scale"], eps), states
+  x, bias, mask = _encoder_setup(params, input_ids, attention_mask, config)
+  block = lambda p, h: encoder_block(p, h, bias=bias, mask=mask, config=config)
+  x, states = _run_blocks(params["encoder"]["layers"], x, block, collect)
+  return rms_norm(x, params["encoder"]["final_norm"]["scale"], config.layer_norm_epsilon), states
 
 
 def decode(params: Params, decoder_input_ids: jax.Array, encoder_states: jax.Array,
            attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
            config: T5Config, collect: bool = False) -> tuple[jax.Array, Any]:
   """Decoder over a whole target sequence (teacher forcing): final hidden states ``[B, T, D]`` (+ block states)."""
-  dec = params["decoder"]
-  x = params["shared"]["embedding"][decoder_input_ids]
-  length = decoder_input_ids.shape[1]
-  bias = position_bias(dec["relative_attention_bias"]["embedding"], jnp.arange(length), length,
-                       bidirectional=False, config=config)
-  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-  self_mask = causal if decoder_attention_mask is None else causal & _key_mask(decoder_attention_mask)
+  x, bias, self_mask = _decoder_setup(params, decoder_input_ids, decoder_attention_mask, config)
   cross_mask = _key_mask(attention_mask)
-  eps = config.layer_norm_epsilon
-
-  def block(p, h):
-    h = h + _self_attention(p["self_attn"], rms_norm(h, p["self_attn_norm"]["scale"], eps), bias, self_mask, config)
-    ca = p["cross_attn"]
-    keys = _heads(linear(encoder_states, ca["k"]["weight"]), config)
-    values = _heads(linear(encoder_states, ca["v"]["weight"]), config)
-    h = h + _cross_attention(ca, rms_norm(h, p["cross_attn_norm"]["scale"], eps), keys, values, cross_mask, config)
-    return h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config)
-
-  x, states = _run_blocks(dec["layers"], x, block, collect)
-  return rms_norm(x, dec["final_norm"]["scale"], eps), states
+  block = lambda p, h: decoder_block(p, h, bias=bias, self_mask=self_mask, encoder_states=encoder_states,
+                                     cross_mask=cross_mask, config=config)
+  x, states = _run_blocks(params["decoder"]["layers"], x, block, collect)
+  return rms_norm(x, params["decoder"]["final_norm"]["scale"], config.layer_norm_epsilon), states
 
 
 def lm_logits(params: Params, hidden: jax.Array, config: T5Config) -> jax.Array:
@@ -450,6 +486,60 @@ def block_states(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Ar
   _, dec_states = decode(params, decoder_input_ids, enc, attention_mask, decoder_attention_mask, config=config,
                          collect=True)
   return {"encoder/layers": enc_states, "decoder/layers": dec_states}
+
+
+def _cov(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """``sum_t x_t x_t^T`` in float32 over the tokens where ``mask`` is 1; x ``[B, T, n]``."""
+  x = x.astype(jnp.float32) * mask.astype(jnp.float32)[..., None]
+  return jnp.einsum("bti,btj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def input_covariances(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Array,
+                      attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
+                      config: T5Config) -> dict[str, jax.Array]:
+  """``{matrix path: [L, in, in]}``: sum of ``x x^T`` over the real tokens of every constrained matrix's input.
+
+  The statistic of the ``activations`` basis source (DESIGN 4b), taken in the same pass as the forward. Matrices
+  sharing an input share its covariance (q/k/v; ``wi_0``/``wi_1``); the decoder's cross-attention ``k``/``v`` read
+  the encoder output, whose covariance is summed over the encoder's real tokens.
+  """
+  enc_tokens = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+  dec_tokens = (jnp.ones(decoder_input_ids.shape, jnp.int32) if decoder_attention_mask is None
+                else decoder_attention_mask)
+
+  def covariances(taps: dict[str, jax.Array], tokens: jax.Array) -> dict[str, jax.Array]:
+    return {name: _cov(x, tokens) for name, x in taps.items()}
+
+  x, bias, mask = _encoder_setup(params, input_ids, attention_mask, config)
+
+  def enc_body(h, p):
+    taps: dict[str, jax.Array] = {}
+    out = encoder_block(p, h, bias=bias, mask=mask, config=config, taps=taps)
+    return out, covariances(taps, enc_tokens)
+
+  x, enc_covs = jax.lax.scan(enc_body, x, params["encoder"]["layers"])
+  enc = rms_norm(x, params["encoder"]["final_norm"]["scale"], config.layer_norm_epsilon)
+  x, bias, self_mask = _decoder_setup(params, decoder_input_ids, decoder_attention_mask, config)
+  cross_mask = _key_mask(attention_mask)
+
+  def dec_body(h, p):
+    taps: dict[str, jax.Array] = {}
+    out = decoder_block(p, h, bias=bias, self_mask=self_mask, encoder_states=enc, cross_mask=cross_mask,
+                        config=config, taps=taps)
+    return out, covariances(taps, dec_tokens)
+
+  _, dec_covs = jax.lax.scan(dec_body, x, params["decoder"]["layers"])
+  out = {}
+  for stack, covs in (("encoder", enc_covs), ("decoder", dec_covs)):
+    for name, c in covs.items():
+      out[f"{stack}/layers/{name}/weight"] = c
+    out[f"{stack}/layers/self_attn/k/weight"] = out[f"{stack}/layers/self_attn/v/weight"] = covs["self_attn/q"]
+  enc_cov = _cov(enc, enc_tokens)
+  layers = config.num_decoder_layers
+  out["decoder/layers/cross_attn/k/weight"] = out["decoder/layers/cross_attn/v/weight"] = jnp.broadcast_to(
+    enc_cov, (layers, *enc_cov.shape))
+  return out
 
 
 def shift_right(labels: jax.Array, decoder_start_token_id: int, pad_token_id: int) -> jax.Array:
