@@ -39,3 +39,28 @@ def test_benchmark_script_runs_on_a_tiny_stack():
   row = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(row) >= {"protected", "step_ratio", "state_ratio"}
   assert row["protected"] == 0.5 and row["step_ratio"] > 0 and 2.0 < row["state_ratio"] < 3.2
+
+
+def test_readme_model_example_runs_on_a_tiny_checkpoint(tmp_path):
+  torch = __import__("pytest").importorskip("torch")
+  import transformers
+
+  block = next(b for b in _python_blocks() if "models.from_pretrained" in b)
+  ckpt = tmp_path / "tiny-llama"
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, pad_token_id=0,
+                                 bos_token_id=None, tie_word_embeddings=False)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(ckpt)
+  transformers.ByT5Tokenizer().save_pretrained(ckpt)  # a byte-level tokenizer needs no vocabulary download
+  code, n = re.subn(r'^CKPT = ".*?"', f"CKPT = {str(ckpt)!r}", block, flags=re.M)
+  assert n == 1
+  code = code.replace('"out/my-llama"', repr(str(tmp_path / "out")))
+  exec(compile(code, str(README), "exec"), {})
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+  original = transformers.LlamaForCausalLM.from_pretrained(ckpt)
+  ids = torch.tensor([[5, 9, 77, 200]])
+  with torch.no_grad():
+    # bf16 round trip of float32 weights: close, not equal.
+    diff = (reloaded(ids).logits - original(ids).logits).abs().max().item()
+  assert diff < 5e-2, diff

@@ -8,7 +8,7 @@ from the environment (``CLSVD_TPU_NAME``, ``CLSVD_TPU_ZONE``, ``CLSVD_TPU_PROJEC
 the gcloud CLI.
 
     python3 tpu_scripts/clsvd_tpu.py run --name clsvd-t5 --zone us-central2-b --project my-proj \\
-        --accelerator-type v4-32 --bucket gs://my-bucket --config configs/t5_large_order1.yaml --dry-run
+        --accelerator-type v4-32 --bucket gs://my-bucket --config configs/t5_large/order1.yaml --dry-run
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def dry(*args, script=None):
 
 def test_v4_32_worked_example_full_run():
   proc = dry("run", *V4, "--accelerator-type", "v4-32", "--bucket", "gs://my-bucket", "--config",
-             "configs/t5_large_order1.yaml", "--run-name", "t5-order1")
+             "configs/t5_large/order1.yaml", "--run-name", "t5-order1")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   ssh = "gcloud compute tpus tpu-vm ssh clsvd-t5"
@@ -32,7 +32,7 @@ def test_v4_32_worked_example_full_run():
              "jax.device_count())'\"'\"'")
   # With a bucket the whole run directory (results and Orbax checkpoints, written by every host) lives there.
   train = ("set -o pipefail; ( cd ~/clsvd_jax && CLSVD_DISTRIBUTED=1 ~/clsvd-venv/bin/clsvd train "
-           "configs/t5_large_order1.yaml --set run_dir=gs://my-bucket/t5-order1 ) 2>&1 | tee ~/clsvd_run.log")
+           "configs/t5_large/order1.yaml --set run_dir=gs://my-bucket/t5-order1 ) 2>&1 | tee ~/clsvd_run.log")
   assert lines == [
       f"gcloud compute tpus tpu-vm create clsvd-t5 --accelerator-type=v4-32 --version=tpu-ubuntu2204-base {LOC}",
       f"git -C {ROOT} archive --format=tar.gz -o /tmp/clsvd_jax-clsvd-t5.tar.gz HEAD",
@@ -110,5 +110,5 @@ def test_readme_shows_the_real_dry_run():
   text = (SCRIPTS / "README.md").read_text()
   block = text.split("The dry run prints exactly:\n\n```\n", 1)[1].split("```", 1)[0]
   proc = dry("run", *V4, "--accelerator-type", "v4-32", "--bucket", "gs://my-bucket", "--config",
-             "configs/t5_large_order1.yaml", "--run-name", "t5-order1")
+             "configs/t5_large/order1.yaml", "--run-name", "t5-order1")
   assert block.replace("/path/to/clsvd_jax", str(ROOT)) == proc.stdout
