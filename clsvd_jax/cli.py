@@ -1,6 +1,7 @@
 """The ``clsvd`` command line.
 
-  clsvd train CONFIG.yaml [--set key=value ...] [--resume]    run a task stream (results under run_dir)
+  clsvd train CONFIG.yaml [--set key=value ...] [--resume]    run a task stream (results under run_dir); on several
+                                                              hosts run it on each (jax.distributed from the env)
   clsvd eval CONFIG.yaml [--set ...] [--checkpoint DIR]       evaluate a model (or a checkpoint) on every task
   clsvd demo [--out runs/demo]                                the offline demo: seqft vs osft on a tiny model
   clsvd inspect RUN_DIR [--memory CONFIG]                     tables and plots of a finished run
@@ -71,11 +72,20 @@ def _load(path: str, overrides: Sequence[str], run_dir: str | None = None) -> An
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+  cfg = _load(args.config, args.overrides, args.run_dir)
+  # Before anything touches a device: on a pod (or with JAX_COORDINATOR_ADDRESS) every worker runs this same
+  # command and they join into one JAX runtime here.
+  from clsvd_jax.parallel import distributed
+
+  try:
+    distributed.initialize_from_env(cfg.distributed.init_kwargs())
+  except ValueError as e:
+    return _error(f"distributed: {e}")
   from clsvd_jax.train import runner
 
-  cfg = _load(args.config, args.overrides, args.run_dir)
   runner.run(cfg, resume=args.resume)
-  print(f"results in {cfg.run_dir}")
+  if distributed.is_main_process():
+    print(f"results in {cfg.run_dir}")
   return 0
 
 

@@ -231,6 +231,32 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+  """Several processes (hosts) through ``jax.distributed`` (``clsvd_jax.parallel.distributed_config``).
+
+  With the defaults nothing needs setting: a TPU pod, a SLURM / Open MPI job or ``JAX_COORDINATOR_ADDRESS`` (with
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) in the environment start it; anything else runs as one process.
+
+  Attributes:
+    enabled: ``auto`` (the environment decides), true (always; JAX auto-detects the cluster unless the fields
+      below say more) or false (never).
+    coordinator_address, num_processes, process_id, local_device_ids, initialization_timeout: passed to
+      ``jax.distributed.initialize`` when set.
+  """
+
+  enabled: bool | Literal["auto"] = "auto"
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: list[int] | None = None
+  initialization_timeout: int | None = None
+
+  def init_kwargs(self) -> dict[str, Any]:
+    """The mapping ``clsvd_jax.parallel.distributed_config`` reads (unset fields left out)."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
 class RunConfig:
   """A whole run: model, task stream, method and its options, optimizer, training, evaluation, outputs.
 
@@ -245,7 +271,8 @@ class RunConfig:
     eval: see ``EvalConfig``.
     run_dir: output folder (results, plots, TensorBoard log, checkpoints); relative to the working directory.
     data_dir: folder that relative task paths are relative to (default the config file's folder).
-    mesh: device mesh (``null``: one device).
+    mesh: device mesh (``null``: one device; with several processes, every device on ``fsdp``).
+    distributed: how several processes find each other (see ``DistributedConfig``).
     name: a label for tables and plots.
   """
 
@@ -260,6 +287,7 @@ class RunConfig:
   data_dir: str | None = None
   mesh: MeshConfig | None = None
   name: str | None = None
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
   def to_dict(self) -> dict[str, Any]:
     """A plain dict (YAML / JSON serialisable) that ``from_dict`` reads back to an equal config."""
@@ -415,6 +443,14 @@ def _check(config: RunConfig, source: str) -> None:
       fail(f"training.{key}", f"must be >= 0, got {getattr(config.training, key)}")
   if config.osft.min_trainable < 0:
     fail("osft.min_trainable", f"must be >= 0, got {config.osft.min_trainable}")
+  dist = config.distributed
+  if dist.num_processes is not None and dist.num_processes < 1:
+    fail("distributed.num_processes", f"must be a positive integer, got {dist.num_processes}")
+  if dist.process_id is not None and not 0 <= dist.process_id < (dist.num_processes or dist.process_id + 1):
+    fail("distributed.process_id", f"must lie in [0, num_processes), got {dist.process_id}")
+  if dist.initialization_timeout is not None and dist.initialization_timeout < 1:
+    fail("distributed.initialization_timeout", f"must be a positive number of seconds, got "
+                                               f"{dist.initialization_timeout}")
 
 
 def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:

@@ -167,3 +167,40 @@ def host_local_batch(global_batch: Any, shardings: Any) -> Any:
     return make_global_array(x[host_rows(sh, x.shape)], sh, x.shape)
 
   return tree_paths.map_with_paths(one, global_batch)
+
+
+def sync(name: str) -> None:
+  """A barrier: returns once every process got here (a no-op with one process).
+
+  Put it where one process reads what another writes (a checkpoint's ``meta.json``, a pruned folder).
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_int(value: int) -> int:
+  """Process 0's ``value`` on every process (e.g. which checkpoint to resume, so all hosts pick the same one)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of the arrays of ``tree``; arrays spread over several processes are gathered first.
+
+  Collective when any array spans processes without being replicated: every process must call it with arrays of
+  the same layout (they do when they run the same program).
+  """
+
+  def one(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)

@@ -8,6 +8,10 @@ bases, the task-start copy of the constrained matrices for the invariant check, 
 
 Arrays go through ``clsvd_jax.parallel.save_sharded`` / ``restore_sharded``: the state is stored by string paths,
 restored into the layout the target asks for (another mesh works too).
+
+Several processes: all of them call ``save`` / ``restore`` (Orbax writes and reads each shard on the host that
+holds it), process 0 alone creates and prunes folders and writes ``meta.json``, and ``save`` returns on every
+process only once the checkpoint is complete, so any process may read it next (``run_dir`` must be shared).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import jax
 
 from clsvd_jax.parallel import checkpoint as pc
+from clsvd_jax.parallel import distributed
 from clsvd_jax.train.outputs import write_json
 
 META = "meta.json"
@@ -54,6 +59,24 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
   return found[-1] if found else None
 
 
+def checkpoint_dir(run_dir: str | os.PathLike[str], global_step: int) -> Path:
+  """The folder of the checkpoint at ``global_step``."""
+  return checkpoint_root(run_dir) / f"{PREFIX}{global_step:08d}"
+
+
+def agreed_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+  """``latest_checkpoint`` as process 0 sees it, on every process (one process: the same thing).
+
+  With several hosts a folder another host is still writing could make them disagree; they resume from one.
+  """
+  if jax.process_count() == 1:
+    return latest_checkpoint(run_dir)
+  distributed.sync("clsvd:before-resume")
+  found = latest_checkpoint(run_dir) if jax.process_index() == 0 else None
+  step = distributed.broadcast_int(-1 if found is None else int(found.name[len(PREFIX):]))
+  return None if step < 0 else checkpoint_dir(run_dir, step)
+
+
 def save(run_dir: str | os.PathLike[str], global_step: int, arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
          keep: int = 2) -> Path:
   """Writes one checkpoint and prunes old ones.
@@ -68,14 +91,20 @@ def save(run_dir: str | os.PathLike[str], global_step: int, arrays: Mapping[str,
   Returns:
     The checkpoint folder.
   """
-  d = checkpoint_root(run_dir) / f"{PREFIX}{global_step:08d}"
-  if d.exists():
-    shutil.rmtree(d)
-  d.mkdir(parents=True)
+  d = checkpoint_dir(run_dir, global_step)
+  main = jax.process_index() == 0
+  if main:
+    if d.exists():
+      shutil.rmtree(d)
+    d.mkdir(parents=True)
+  distributed.sync(f"clsvd:checkpoint-folder-{global_step}")
   pc.save_sharded(d / STATE, arrays, force=True)
-  write_json(d / META, dict(meta, global_step=global_step))
-  for old in list_checkpoints(run_dir)[:-keep]:
-    shutil.rmtree(old, ignore_errors=True)
+  if main:
+    write_json(d / META, dict(meta, global_step=global_step))
+    for old in list_checkpoints(run_dir)[:-keep]:
+      shutil.rmtree(old, ignore_errors=True)
+  # No process goes on (and maybe reads the run's checkpoints) before meta.json is there and pruning is done.
+  distributed.sync(f"clsvd:checkpoint-done-{global_step}")
   return d
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from clsvd_jax.data.batching import eval_batches
 from clsvd_jax.data.normalize import exact_match
 from clsvd_jax.data.tokenize import EncodedSplit, TokenizerInfo
+from clsvd_jax.parallel import distributed
 from clsvd_jax.train import model_io
 
 
@@ -58,7 +59,8 @@ def evaluate_split(model: Any, data: EncodedSplit, tokenizer: Any, info: Tokeniz
   for batch in eval_batches(data, info, batch_size=batch_size):
     new = model_io.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                             eos_token_id=info.eos_id)
-    texts = decode_new_tokens(tokenizer, np.asarray(new), info.eos_id)
+    # to_host: on a mesh over several processes the generated rows may live on other hosts' devices.
+    texts = decode_new_tokens(tokenizer, distributed.to_host(new), info.eos_id)
     for text, target, w in zip(texts, batch["targets"], batch["weights"]):
       if w <= 0:
         continue

@@ -26,6 +26,7 @@ import numpy as np
 
 from clsvd_jax._src import subspace as subspace_lib
 from clsvd_jax._src.subspace import Subspace
+from clsvd_jax.parallel import distributed
 
 
 def _matrix(r: Any) -> np.ndarray:
@@ -157,8 +158,9 @@ def invariant_ratios(before: Mapping[str, Any], after: Mapping[str, Any], subspa
   for path, s in subspaces.items():
     if not isinstance(s, Subspace) or path not in before:
       continue
+    # to_host: with weights sharded over several processes the per-layer ratios may be too.
     r = {k: np.asarray(v, np.float64).reshape(-1) for k, v in
-         _ratios(jnp.asarray(before[path]), jnp.asarray(after[path]), s).items()}
+         distributed.to_host(_ratios(jnp.asarray(before[path]), jnp.asarray(after[path]), s)).items()}
     noise = np.sqrt(max(steps, 1)) * F32_ROUNDOFF * r["w"]
     moved = r["dw"] > MOVED_FACTOR * noise
     floor = np.where(moved, noise / np.where(r["dw"] > 0, r["dw"], 1.0), 0.0)

@@ -12,6 +12,15 @@
 
 At the end it writes ``results.json``, ``R.csv``, the plots and returns the results dict. ``resume=True``
 continues from the newest checkpoint of ``run_dir`` and produces the same results as an uninterrupted run.
+
+Several processes (``jax.distributed``, initialised by ``clsvd train`` before anything touches a device): every
+process runs ``run`` with the same config on one mesh over all devices (``config.mesh``, else every device on
+``fsdp``). Each host reads only its rows of every training batch (``BatchIterator`` host slicing) and contributes
+them to the global batch; calibration and evaluation batches are small and read whole by every host (JAX treats
+them as replicated), and results computed on sharded parameters come back through collectives, so every process
+holds the same R, ranks and invariant. Only process 0 prints, draws progress bars, writes TensorBoard,
+``config.yaml``, ``results.json``, ``R.csv`` and the plots; all processes write and read the Orbax checkpoints
+together (``run_dir`` must be a folder every host sees, e.g. a bucket on a pod).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import numpy as np
 
 import clsvd_jax as cj
 from clsvd_jax import scheduler as sched_lib
-from clsvd_jax.config import ConfigError, RunConfig, dump_config
+from clsvd_jax.config import ConfigError, MeshConfig, RunConfig, dump_config
 from clsvd_jax.data import (
   BatchIterator,
   EncodedSplit,
@@ -110,7 +119,7 @@ def prepare(config: RunConfig) -> Prepared:
 def _config_hash(config: RunConfig) -> str:
   """What must not change between a run and its resume (everything but where outputs go and display flags)."""
   d = config.to_dict()
-  for key in ("run_dir", "name"):
+  for key in ("run_dir", "name", "distributed"):
     d.pop(key, None)
   d["training"] = {k: v for k, v in d["training"].items() if k not in ("progress", "log_every", "checkpoint_every",
                                                                         "keep_checkpoints")}
@@ -127,9 +136,13 @@ def _stage_name(names: list[str], stage: list[int]) -> str:
 
 
 class _Writer:
-  """TensorBoard scalars (tensorboardX); a no-op when the package is missing."""
+  """TensorBoard scalars (tensorboardX); a no-op when the package is missing or when not ``enabled`` (processes
+  other than 0)."""
 
-  def __init__(self, run_dir: Path):
+  def __init__(self, run_dir: Path, enabled: bool = True):
+    self._w = None
+    if not enabled:
+      return
     try:
       from tensorboardX import SummaryWriter
 
@@ -165,7 +178,8 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
     TrainingError: on a non-finite loss or gradient.
     ConfigError / DataError: bad config or data (before training starts).
   """
-  say = echo or (lambda _msg: None)
+  main = jax.process_index() == 0
+  say = (echo if main else None) or (lambda _msg: None)
   run_dir = Path(config.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   p = prepared or prepare(config)
@@ -181,9 +195,15 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   policy_counts = step_lib.check_policy(params, config.osft)
   labels = step_lib.param_policy(config.osft.param_policy).labels(params)
   tx, train_step, raw_step = _optimizer_and_step(config, model, apply_fn, labels, p.kind, method.constrained)
-  mesh = None
-  if config.mesh is not None:
-    mesh, params, opt_state, train_step, put_batch, o_sh = _on_mesh(config, tx, raw_step, params, p.kind)
+  mesh, repl, host_split = None, None, (0, 1)
+  mesh_cfg = config.mesh
+  if mesh_cfg is None and jax.process_count() > 1:
+    # Parameters of a multi-host model do not fit one device: the default spreads them over all (FSDP).
+    mesh_cfg = MeshConfig()
+  if mesh_cfg is not None:
+    mesh, params, opt_state, train_step, put_batch, o_sh, host_split = _on_mesh(
+        mesh_cfg, tcfg.batch_size, tx, raw_step, params, p.kind)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   else:
     opt_state = tx.init(params)
     put_batch, o_sh = None, None
@@ -199,6 +219,9 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
     scheduler = sched_lib.TaskScheduler(config.osft, shapes, len(stages), compute_fn=compute)
   rng = jax.random.key_data(jax.random.key(tcfg.seed))
   anchor = {path: jnp.zeros((), jnp.float32) for path in shapes}
+  if repl is not None:
+    # Checkpointed with the sharded state: Orbax needs global arrays when several processes save.
+    rng, anchor = jax.device_put((np.asarray(rng), {k: np.asarray(v) for k, v in anchor.items()}), repl)
 
   # Run state (everything in meta.json).
   state: dict[str, Any] = {"stage": 0, "step": 0, "position": None, "global_step": 0, "phase": "boundary",
@@ -207,7 +230,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
                            "config_hash": _config_hash(config)}
   last_ckpt: Path | None = None
   if resume:
-    found = ckpt_lib.latest_checkpoint(run_dir)
+    found = ckpt_lib.agreed_latest_checkpoint(run_dir)
     if found is not None:
       meta = ckpt_lib.read_meta(found)
       if meta["run"]["config_hash"] != state["config_hash"]:
@@ -228,12 +251,13 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
       last_ckpt = found
       say(f"resumed from {found} (stage {state['stage'] + 1}/{len(stages)}, step {state['step']}, "
           f"phase {state['phase']})")
-  if not resume or last_ckpt is None:
+  if main and (not resume or last_ckpt is None):
     dump_config(config, run_dir / "config.yaml")
 
-  writer = _Writer(run_dir)
+  writer = _Writer(run_dir, enabled=main)
+  progress = tcfg.progress and main
   eval_kw = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, names=p.names,
-                 show_progress=tcfg.progress)
+                 show_progress=progress)
 
   def evaluate(params: Any, desc: str) -> tuple[list[float], list[int], list[int]]:
     t0 = time.perf_counter()
@@ -262,7 +286,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
       train_data = p.train_splits[stage[0]] if len(stage) == 1 else EncodedSplit.concat(
           [p.train_splits[i] for i in stage], name=name)
       it = BatchIterator(train_data, p.info, batch_size=tcfg.batch_size, seed=tcfg.seed + si, num_epochs=None,
-                         position=state["position"])
+                         position=state["position"], process_index=host_split[0], process_count=host_split[1])
       total_steps = _steps_for(config, it)
 
       if state["phase"] == "boundary":
@@ -287,7 +311,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
       if state["phase"] == "train":
         params, opt_state = _train_stage(
             config, train_step, params, opt_state, it, total_steps, state, writer, name, si, len(stages),
-            save, put_batch=put_batch, counter=counter,
+            save, put_batch=put_batch, counter=counter, progress=progress,
             stop=lambda: stop_after_steps is not None and counter[0] >= stop_after_steps)
         # Invariant over the task: protected directions of every constrained matrix untouched.
         ratios = {}
@@ -314,7 +338,8 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
     writer.close()
 
   results = _results(config, p, state, scheduler, policy_counts)
-  outputs.write_outputs(results, run_dir)
+  if main:
+    outputs.write_outputs(results, run_dir)
   say(outputs.format_r_table(results, title=f"[{config.method}] R (accuracy %)"))
   say(outputs.format_summary(results))
   return results
@@ -366,14 +391,22 @@ def _copy_f32(tree: Any) -> Any:
   return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
 
 
-def _on_mesh(config: RunConfig, tx: Any, raw_step: Any, params: Any, kind: str) -> tuple[Any, ...]:
-  """Lays params and optimizer state out on the config's mesh (``clsvd_jax.parallel``: FSDP / tensor rules, bases
-  following their weights) and jits the step with explicit shardings; batches are split over data x fsdp."""
+def _on_mesh(m: MeshConfig, batch_size: int, tx: Any, raw_step: Any, params: Any, kind: str) -> tuple[Any, ...]:
+  """Lays params and optimizer state out on the mesh ``m`` (``clsvd_jax.parallel``: FSDP / tensor rules, bases
+  following their weights) and jits the step with explicit shardings; batches are split over data x fsdp.
+
+  Returns:
+    ``(mesh, params, opt_state, step, put_batch, opt_state_shardings, host_split)``: ``host_split`` is the
+    ``(process_index, process_count)`` the training ``BatchIterator`` slices by, and ``put_batch`` turns the
+    rows it yields into the global batch. Where this host's devices do not hold one contiguous, even share of the
+    rows in process order (e.g. a mesh that replicates the batch over hosts), the host reads whole batches
+    (``(0, 1)``) and ``put_batch`` keeps the rows its devices hold.
+  """
   from jax.sharding import NamedSharding, PartitionSpec
 
   from clsvd_jax import parallel
+  from clsvd_jax.parallel import distributed
 
-  m = config.mesh
   mesh = parallel.make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
   params, opt_state, p_sh, o_sh = parallel.shard_training_state(params, tx, mesh)
   repl = NamedSharding(mesh, PartitionSpec())
@@ -383,21 +416,31 @@ def _on_mesh(config: RunConfig, tx: Any, raw_step: Any, params: Any, kind: str) 
   step = jax.jit(raw_step, in_shardings=(p_sh, o_sh, b_sh, repl), out_shardings=(p_sh, o_sh, repl),
                  donate_argnums=(0, 1))
 
-  def put_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
+  index, count = jax.process_index(), jax.process_count()
+  rows = distributed.host_rows(b_sh[keys[0]], (batch_size, 1))
+  share = batch_size // count
+  sliced = batch_size % count == 0 and rows == slice(index * share, (index + 1) * share)
+  host_split = (index, count) if sliced else (0, 1)
 
-  return mesh, params, opt_state, step, put_batch, o_sh
+  def put_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      out[k] = distributed.make_global_array(v if sliced else v[rows], b_sh[k], (batch_size, *v.shape[1:]))
+    return out
+
+  return mesh, params, opt_state, step, put_batch, o_sh, host_split
 
 
 def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any, it: BatchIterator,
                  total_steps: int, state: dict[str, Any], writer: _Writer, name: str, si: int, num_stages: int,
                  save: Callable[[Any, Any], Path], *, put_batch: Callable[[Any], Any] | None,
-                 stop: Callable[[], bool], counter: list[int]) -> tuple[Any, Any]:
+                 stop: Callable[[], bool], counter: list[int], progress: bool) -> tuple[Any, Any]:
   """The optimizer steps of one stage, from ``state['step']`` to ``total_steps``."""
   tcfg = config.training
   timer = step_lib.StepTimer()
   bar = None
-  if tcfg.progress:
+  if progress:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"task {si + 1}/{num_stages} {name}", unit="step",
@@ -407,9 +450,11 @@ def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any
     while state["step"] < total_steps:
       if stop():
         raise RunInterrupted(f"stopped after {counter[0]} steps (stop_after_steps)")
-      batch = step_lib.device_batch(next(it), it.data.kind)
+      batch = next(it)
       if put_batch is not None:
-        batch = put_batch(batch)
+        batch = put_batch({k: batch[k] for k in step_lib.TRAIN_KEYS[it.data.kind]})
+      else:
+        batch = step_lib.device_batch(batch, it.data.kind)
       lr = step_lib.learning_rate(state["step"], total_steps, config.optimizer)
       t0 = time.perf_counter()
       params, opt_state, m = train_step(params, opt_state, batch, jnp.asarray(lr, jnp.float32))
