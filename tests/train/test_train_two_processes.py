@@ -54,6 +54,17 @@ class Writer(runner._Writer):
 
 
 runner._Writer = Writer
+
+
+# Which rows of each training batch this host reads (its share, not the whole batch).
+class Iterator(runner.BatchIterator):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    if "position" in kwargs:  # the training stream (calibration batches are read whole on purpose)
+      print(f"TRAIN ROWS {self.process_index}/{self.process_count}", flush=True)
+
+
+runner.BatchIterator = Iterator
 try:
   runner.run(cfg, stop_after_steps=int(sys.argv[2]))
 except runner.RunInterrupted:
@@ -90,6 +101,7 @@ def test_two_processes_killed_and_resumed_equal_single_process(tmp_path):
   multi = json.loads(json.dumps(d))
   multi["run_dir"] = str(tmp_path / "two_processes")
   multi["mesh"] = {"data": 2, "fsdp": 2, "tensor": 2}
+  multi["training"]["progress"] = True  # bars on process 0 only
   cfg_path = tmp_path / "two_processes.yaml"
   cfg_path.write_text(yaml.safe_dump(multi))
   procs = _launch(tmp_path, cfg_path, stop_after=7)
@@ -114,6 +126,8 @@ def test_two_processes_killed_and_resumed_equal_single_process(tmp_path):
   assert "R (accuracy %)" not in out1 and "results in" not in out1 and "resumed from" not in out1
   assert "WROTE outputs" in out0 and "WROTE config" in out0 and "WROTE tensorboard" in out0
   assert "WROTE" not in out1, out1
+  assert "TRAIN ROWS 0/2" in out0 and "TRAIN ROWS 1/2" in out1 and "TRAIN ROWS 0/1" not in out0 + out1
+  assert "task 1/3" in outs[0][1] and "task 1/3" not in outs[1][1], "progress bars on process 0 only"
   run_dir = Path(multi["run_dir"])
   assert [p.relative_to(run_dir) for p in run_dir.rglob(outputs.RESULTS)] == [Path(outputs.RESULTS)]
 
