@@ -26,6 +26,10 @@ from clsvd_jax._src.subspace import Subspace
 from clsvd_jax.parallel import opt_state as opt_state_lib
 from clsvd_jax.parallel import rules as rules_lib
 
+# Compiled boundary programs by (mesh, dtype, input layout, capacities, specs); oldest evicted first.
+_COMPILED: dict[Any, Any] = {}
+_CACHE_SIZE = 8
+
 
 def memory_stats(compiled: Any) -> dict[str, int] | None:
   """Bytes per device of a compiled program (``jax.jit(f).lower(...).compile()``), or None where the backend has
@@ -232,13 +236,23 @@ def compute_subspaces_sharded(params: Any, ranks: Any, previous: Any = None, *, 
   caps = {p: cap for p, (cap, _, _) in jobs.items()}
   specs = {p: spec for p, (_, _, spec) in jobs.items()}
 
-  @functools.partial(jax.jit, out_shardings=out_shardings)
-  def boundary(args: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Subspace, jax.Array]]:
-    return {p: _layer_sharded(w, k, prev, cov, mesh=mesh, weight_spec=specs[p], capacity=caps[p],
-                             dtype=dtype)
-            for p, (w, k, prev, cov) in args.items()}
+  # Tasks of one run share shapes and layouts: compile the boundary program once per layout, not per task.
+  leaves, treedef = jax.tree.flatten(inputs)
+  key = (mesh, str(jnp.dtype(dtype)), treedef,
+         tuple((jnp.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
+         tuple((p, caps[p], specs[p], out_shardings[p]) for p in sorted(jobs)))
+  compiled = _COMPILED.get(key)
+  if compiled is None:
+    @functools.partial(jax.jit, out_shardings=out_shardings)
+    def boundary(args: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Subspace, jax.Array]]:
+      return {p: _layer_sharded(w, k, prev, cov, mesh=mesh, weight_spec=specs[p], capacity=caps[p],
+                               dtype=dtype)
+              for p, (w, k, prev, cov) in args.items()}
 
-  compiled = boundary.lower(inputs).compile()
+    compiled = boundary.lower(inputs).compile()
+    if len(_COMPILED) >= _CACHE_SIZE:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = compiled
   results = compiled(inputs)
 
   def place(path: str, _: Any) -> Any:

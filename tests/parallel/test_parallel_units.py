@@ -280,3 +280,20 @@ def test_scaling_doc_example_runs():
   sub = clsvd_jax.get_subspaces(scope["opt_state"])["layers"]["mlp"]["up_proj"]["weight"]
   assert np.asarray(sub.rank).tolist() == [8, 8, 8, 8]
   assert scope["boundary_bytes"] is None or scope["boundary_bytes"]["peak"] > 0
+
+
+def test_boundary_program_is_compiled_once_per_layout():
+  from clsvd_jax.parallel import boundary
+
+  m = mesh.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (2, 12, 8))}
+  first = boundary.compute_subspaces_sharded(params, {"w": 2}, mesh=m, max_rank_ratio=0.75)
+  second = boundary.compute_subspaces_sharded(params, {"w": 5}, first, mesh=m)
+  before = len(boundary._COMPILED)
+  third = boundary.compute_subspaces_sharded(params, {"w": 6}, second, mesh=m)  # new ranks, same layout
+  assert len(boundary._COMPILED) == before
+  want = clsvd_jax.compute_subspaces(params, {"w": 2}, max_rank_ratio=0.75)
+  for k in (5, 6):
+    want = clsvd_jax.compute_subspaces(params, {"w": k}, want)
+  for a, b in zip(jax.tree.leaves(third), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
