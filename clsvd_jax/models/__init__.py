@@ -9,6 +9,7 @@ Public API (each function dispatches to the model's family)::
   update_model(model, params)                               # write params back, in place
   hidden = block_hidden_states(model, *batch)               # {stack: (inputs, outputs)}, each [L, B, T, D]
   shapes = constrained_matrices(model)                      # {path: shape} of attention / MLP matrices
+  covs = matrix_input_covariances(model, batches)            # {path: sum x x^T} of every matrix input
   save_pretrained(model, "out/dir", max_shard_size="2GB")   # config.json + safetensors transformers loads
   model = init_from_config({"model_type": "llama", ...}, seed=0)   # random weights, no files
 
@@ -52,7 +53,7 @@ from clsvd_jax.models.hub import HubError, resolve
 __all__ = [
   "FAMILIES", "CheckpointError", "CheckpointReader", "HubError", "MissingTensorError", "block_hidden_states",
   "constrained_matrices", "family_of", "family_for_type", "from_pretrained", "functional", "generate",
-  "init_from_config", "resolve", "save_pretrained", "update_model", "write_checkpoint",
+  "init_from_config", "matrix_input_covariances", "resolve", "save_pretrained", "update_model", "write_checkpoint",
 ]
 
 # model_type (config.json) -> family package. Families are imported on first use.
@@ -184,3 +185,13 @@ def block_hidden_states(model: Any, *args: Any, **kwargs: Any) -> dict[str, tupl
 def constrained_matrices(model: Any) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of the attention and MLP matrices (stacked ``[L, out, in]``)."""
   return family_of(model).constrained_matrices(model)
+
+
+def matrix_input_covariances(model: Any, batches: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
+  """``{path: [L, in, in]}``: sums of ``x x^T`` over the real tokens of ``batches`` of the input of every matrix
+  ``constrained_matrices`` lists (the ``activations`` basis source, DESIGN 4b).
+
+  Batches are dicts of the model's call arguments by name (LLaMA: ``input_ids``, ``attention_mask``; T5 also
+  ``decoder_input_ids``, ``decoder_attention_mask``); masks mark real tokens.
+  """
+  return family_of(model).matrix_input_covariances(model, batches)

@@ -1,7 +1,6 @@
 """The runner on a decoder-only model (tiny LLaMA): left-padded batches, loss on the answer, greedy evaluation."""
 
 import numpy as np
-import pytest
 from _train_helpers import tiny_config_dict
 
 from clsvd_jax import config as C
@@ -38,10 +37,16 @@ def test_llama_stream_keeps_the_invariant(tmp_path):
   assert res["train_tokens"] == want
 
 
-def test_activations_basis_needs_matrix_inputs(tmp_path):
+def test_activations_basis_on_llama(tmp_path):
   d = tiny_config_dict(tmp_path, tasks=("low", "high"), model=LLAMA,
                        osft={"basis_source": "activations", "start_protecting_from": 2,
                              "rank_policy": {"name": "energy", "eps": 0.9}})
   d["eval"]["initial"] = False
-  with pytest.raises(C.ConfigError, match="osft.basis_source: .*'llama' family does not expose"):
-    runner.run(C.from_dict(d), echo=None)
+  res = runner.run(C.from_dict(d), echo=None)
+  before, after = res["ranks"]
+  assert all(np.all(np.asarray(k) == 0) for k in before.values())
+  # Energy 0.9 of the first task's matrix inputs: some directions protected in every matrix, never all of them.
+  for path, k in after.items():
+    k = np.asarray(k)
+    assert (k > 0).all() and (k < 16).all(), (path, k)
+  assert 0.0 < res["invariant_max"] <= 1e-5

@@ -143,12 +143,11 @@ def test_energy_policy_with_activations_meets_eps(setup):
     assert (np.asarray(subs[path].rank) < min(model_io.constrained_matrices(model)[path][-2:])).all()
 
 
-def test_covariance_taps_follow_the_model(setup):
+def test_covariances_of_a_runner_batch(setup):
+  # A runner batch (with labels and loss masks) goes through the model's covariance pass; the full check of every
+  # matrix input against PyTorch forward hooks is in tests/models/test_t5_model.py.
   model, batch = setup
-  outs = covariance.block_check(model, batch)
   hidden = model_io.block_hidden_states(model, batch)
-  for stack in ("encoder/layers", "decoder/layers"):
-    np.testing.assert_allclose(np.asarray(outs[stack]), np.asarray(hidden[stack][1]), atol=1e-5, rtol=1e-5)
   covs = covariance.matrix_input_covariances(model, [batch])
   assert set(covs) == set(model_io.constrained_matrices(model))
   # The encoder's q input is the normed block input: check the statistic by hand on block 0.
