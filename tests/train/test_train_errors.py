@@ -92,34 +92,34 @@ def test_policy_that_trains_nothing(tmp_path):
     runner.run(C.from_dict(d), echo=None)
 
 
-def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  # A NaN learning rate at the third step of task 1 makes that step's update non-finite, deterministically on any
-  # machine (a huge learning rate overflows at a step that depends on the platform's float behaviour).
-  real_lr = step_lib.learning_rate
-  monkeypatch.setattr(step_lib, "learning_rate",
-                      lambda step, total, cfg: float("nan") if step == 2 else real_lr(step, total, cfg))
-  d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft",
-                       training={"checkpoint_every": 1, "steps_per_task": 4})
-  d["eval"]["initial"] = False
-  with pytest.raises(runner.TrainingError) as e:
-    runner.run(C.from_dict(d), echo=None)
-  msg = str(e.value)
-  assert "non-finite loss" in msg and "at step 3 of task 1 (low)" in msg and "--resume" in msg
-  last = ckpt_lib.latest_checkpoint(d["run_dir"])
-  assert last is not None and last.name == "step_00000002" and str(last) in msg
-  meta = ckpt_lib.read_meta(last)
-  assert meta["run"]["global_step"] == meta["global_step"] == 2
-  assert not (tmp_path / "run_seqft" / "results.json").exists()
-
-
-def test_diverging_loss_stops_with_a_clear_error(tmp_path):
-  d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft", optimizer={"lr": 1e30, "clip_norm": None},
+def _stopped_run(tmp_path, **optimizer):
+  """Runs a 2-task seqft stream (checkpoint every step) that must stop; returns the run dict and the message."""
+  d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft", optimizer=optimizer,
                        training={"checkpoint_every": 1, "steps_per_task": 4})
   d["eval"]["initial"] = False
   with pytest.raises(runner.TrainingError) as e:
     runner.run(C.from_dict(d), echo=None)
   msg = str(e.value)
   assert "non-finite loss" in msg and "task 1 (low)" in msg and "--resume" in msg
+  assert not (tmp_path / "run_seqft" / "results.json").exists()
+  return d, msg
+
+
+def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  # A NaN learning rate at the third step of task 1 makes that step's update non-finite, deterministically on any
+  # machine (a huge learning rate overflows at a step that depends on the platform's float behaviour).
+  real_lr = step_lib.learning_rate
+  monkeypatch.setattr(step_lib, "learning_rate",
+                      lambda step, total, cfg: float("nan") if step == 2 else real_lr(step, total, cfg))
+  d, msg = _stopped_run(tmp_path)
+  assert "at step 3 of task 1 (low)" in msg
+  last = ckpt_lib.latest_checkpoint(d["run_dir"])
+  assert last is not None and last.name == "step_00000002" and str(last) in msg
+  meta = ckpt_lib.read_meta(last)
+  assert meta["run"]["global_step"] == meta["global_step"] == 2
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path):
+  d, msg = _stopped_run(tmp_path, lr=1e30, clip_norm=None)
   last = ckpt_lib.latest_checkpoint(d["run_dir"])
   assert (str(last) in msg) if last is not None else ("no checkpoint was written yet" in msg)
-  assert not (tmp_path / "run_seqft" / "results.json").exists()
