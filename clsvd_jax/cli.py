@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   _, params = model_io.functional(p.model)
   source = "the model of the config"
   if args.checkpoint:
-    path = Path(args.checkpoint)
+    path = outputs.run_path(args.checkpoint)
     ckpt = path if (path / ckpt_lib.META).is_file() else ckpt_lib.latest_checkpoint(path)
     if ckpt is None:
       return _error(f"--checkpoint {path}: neither a checkpoint folder (with {ckpt_lib.META}) nor a run directory "

@@ -86,15 +86,18 @@ def cmd_create(a: argparse.Namespace, sh: Shell) -> None:
   sh(cmd)
 
 
-def install_script() -> str:
-  """What every worker runs to install the project (and JAX for TPU) into a virtualenv."""
+def install_script(gcs: bool = False) -> str:
+  """What every worker runs to install the project (and JAX for TPU) into a virtualenv; ``gcs``: with the ``gcs``
+  extra (gcsfs: the runner reads and writes a ``gs://`` run_dir through it)."""
+  # The quotes keep the shell from globbing the brackets; the tilde before them still expands.
+  project = f"{REMOTE_SRC}'[gcs]'" if gcs else REMOTE_SRC
   return " && ".join([
       f"rm -rf {REMOTE_SRC} && mkdir -p {REMOTE_SRC}",
       f"tar -xzf ~/clsvd_jax.tar.gz -C {REMOTE_SRC}",
       f"python3 -m venv {VENV}",
       f"{VENV}/bin/pip install -q -U pip",
       f"{VENV}/bin/pip install -q -U 'jax[tpu]'",
-      f"{VENV}/bin/pip install -q -e {REMOTE_SRC}",
+      f"{VENV}/bin/pip install -q -e {project}",
       f"{VENV}/bin/python -c 'import jax, clsvd_jax; print(jax.process_index(), jax.device_count())'",
   ])
 
@@ -104,7 +107,7 @@ def cmd_install(a: argparse.Namespace, sh: Shell) -> None:
   # The committed tree (git archive), so every worker runs exactly one known revision.
   sh(["git", "-C", str(a.repo), "archive", "--format=tar.gz", "-o", tarball, a.ref])
   sh(_tpu(a, "scp", tarball, f"{a.name}:clsvd_jax.tar.gz", "--worker=all"))
-  sh(_ssh(a, install_script()))
+  sh(_ssh(a, install_script(gcs=bool(a.bucket))))
 
 
 # The runner's config key for its output folder (results, plots, logs and Orbax checkpoints).

@@ -12,6 +12,9 @@ restored into the layout the target asks for (another mesh works too).
 Several processes: all of them call ``save`` / ``restore`` (Orbax writes and reads each shard on the host that
 holds it), process 0 alone creates and prunes folders and writes ``meta.json``, and ``save`` returns on every
 process only once the checkpoint is complete, so any process may read it next (``run_dir`` must be shared).
+
+Paths are ``etils.epath`` paths (``outputs.run_path``): ``run_dir`` may be a bucket (``gs://...``), where Orbax
+writes the shards and everything else goes through epath's fsspec / gfile backends.
 """
 
 from __future__ import annotations
@@ -20,25 +23,25 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from clsvd_jax.parallel import checkpoint as pc
 from clsvd_jax.parallel import distributed
-from clsvd_jax.train.outputs import write_json
+from clsvd_jax.train.outputs import is_local, run_path, write_json
 
 META = "meta.json"
 STATE = "state"
 PREFIX = "step_"
 
 
-def checkpoint_root(run_dir: str | os.PathLike[str]) -> Path:
-  return Path(run_dir) / "checkpoints"
+def checkpoint_root(run_dir: str | os.PathLike[str]) -> epath.Path:
+  return run_path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[epath.Path]:
   """Complete checkpoints (with ``meta.json``), oldest first."""
   root = checkpoint_root(run_dir)
   if not root.is_dir():
@@ -53,18 +56,18 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
   return [d for _, d in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> epath.Path | None:
   """The newest complete checkpoint, or None."""
   found = list_checkpoints(run_dir)
   return found[-1] if found else None
 
 
-def checkpoint_dir(run_dir: str | os.PathLike[str], global_step: int) -> Path:
+def checkpoint_dir(run_dir: str | os.PathLike[str], global_step: int) -> epath.Path:
   """The folder of the checkpoint at ``global_step``."""
   return checkpoint_root(run_dir) / f"{PREFIX}{global_step:08d}"
 
 
-def agreed_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+def agreed_latest_checkpoint(run_dir: str | os.PathLike[str]) -> epath.Path | None:
   """``latest_checkpoint`` as process 0 sees it, on every process (one process: the same thing).
 
   With several hosts a folder another host is still writing could make them disagree; they resume from one.
@@ -78,7 +81,7 @@ def agreed_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def save(run_dir: str | os.PathLike[str], global_step: int, arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
-         keep: int = 2) -> Path:
+         keep: int = 2) -> epath.Path:
   """Writes one checkpoint and prunes old ones.
 
   Args:
@@ -95,21 +98,23 @@ def save(run_dir: str | os.PathLike[str], global_step: int, arrays: Mapping[str,
   main = jax.process_index() == 0
   if main:
     if d.exists():
-      shutil.rmtree(d)
-    d.mkdir(parents=True)
+      _rmtree(d)
+    if is_local(d):
+      # A bucket has no folders to make: Orbax's and meta.json's objects make the prefix.
+      d.mkdir(parents=True)
   distributed.sync(f"clsvd:checkpoint-folder-{global_step}")
   pc.save_sharded(d / STATE, arrays, force=True)
   if main:
     write_json(d / META, dict(meta, global_step=global_step))
     for old in list_checkpoints(run_dir)[:-keep]:
-      shutil.rmtree(old, ignore_errors=True)
+      _rmtree(old, ignore_errors=True)
   # No process goes on (and maybe reads the run's checkpoints) before meta.json is there and pruning is done.
   distributed.sync(f"clsvd:checkpoint-done-{global_step}")
   return d
 
 
 def read_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
-  return json.loads((Path(ckpt) / META).read_text(encoding="utf-8"))
+  return json.loads((run_path(ckpt) / META).read_text(encoding="utf-8"))
 
 
 def restore(ckpt: str | os.PathLike[str], target: Any) -> Any:
@@ -120,7 +125,18 @@ def restore(ckpt: str | os.PathLike[str], target: Any) -> Any:
   """
   shardings = jax.tree.map(_sharding_of, target)
   abstract = pc.abstract_state(target, shardings)
-  return pc.restore_sharded(Path(ckpt) / STATE, abstract)
+  return pc.restore_sharded(run_path(ckpt) / STATE, abstract)
+
+
+def _rmtree(d: epath.Path, ignore_errors: bool = False) -> None:
+  if is_local(d):
+    shutil.rmtree(d, ignore_errors=ignore_errors)
+    return
+  try:
+    d.rmtree()
+  except OSError:
+    if not ignore_errors:
+      raise
 
 
 def _sharding_of(x: Any) -> Any:

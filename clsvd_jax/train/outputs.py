@@ -4,23 +4,54 @@ Plots (matplotlib, Agg backend, no display needed):
   * ``R_heatmap.png``: the accuracy matrix, row i = after training task i;
   * ``task_curves.png``: accuracy of every task across the stream (the point "before" is the untrained model);
   * ``protected_ranks.png``: protected fraction of each layer before each task, one panel per stack of blocks.
+
+Every file goes through ``run_path`` (``etils.epath``), so ``run_dir`` may be a local folder or a URL such as
+``gs://bucket/run`` (a pod's hosts share a bucket; ``pip install clsvd_jax[gcs]`` installs gcsfs, which epath
+uses for ``gs://`` when TensorFlow is absent). Files are written whole, from memory: matplotlib and ``csv`` cannot
+write to a URL themselves.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 RESULTS = "results.json"
 R_CSV = "R.csv"
 PLOTS = ("R_heatmap.png", "task_curves.png", "protected_ranks.png")
+
+
+def run_path(path: str | os.PathLike[str]) -> epath.Path:
+  """``path`` as an ``epath.Path``: local paths behave as ``pathlib``; ``gs://``, ``s3://``... go to a bucket.
+
+  Raises:
+    ValueError: for a URL scheme epath does not know (``pathlib`` would silently make it a local folder).
+  """
+  try:
+    return epath.Path(path)
+  except KeyError:
+    raise ValueError(f"{os.fspath(path)!r}: unsupported URL scheme (use a local path or gs://, s3://, az://, "
+                     "hf://)") from None
+
+
+def is_local(path: str | os.PathLike[str]) -> bool:
+  """False for a URL (``gs://...``): an object store, with no real folders and no atomic rename."""
+  return "://" not in os.fspath(path)
+
+
+def make_dirs(path: str | os.PathLike[str]) -> None:
+  """``mkdir -p`` for a local folder; nothing for a URL (an object's name makes its prefix, and gcsfs would try to
+  create a missing bucket)."""
+  if is_local(path):
+    run_path(path).mkdir(parents=True, exist_ok=True)
 
 
 def _json_default(x: Any) -> Any:
@@ -30,16 +61,21 @@ def _json_default(x: Any) -> Any:
     return float(x)
   if isinstance(x, np.ndarray):
     return x.tolist()
-  if isinstance(x, Path):
-    return str(x)
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
   """Writes JSON atomically (a reader never sees half a file)."""
-  path = Path(path)
+  path = run_path(path)
+  text = json.dumps(data, indent=1, default=_json_default) + "\n"
+  if not is_local(path):
+    # An object appears only once its upload is complete, so a direct write is already all-or-nothing.
+    path.write_text(text, encoding="utf-8")
+    return
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+  tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
 
 
@@ -49,7 +85,7 @@ def read_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
   Raises:
     FileNotFoundError: naming the file, when the run has none (not finished, or not a run directory).
   """
-  path = Path(run_dir) / RESULTS
+  path = run_path(run_dir) / RESULTS
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished run directory (results.json is written "
                             "when the last task has been evaluated)")
@@ -60,17 +96,18 @@ def write_r_csv(path: str | os.PathLike[str], tasks: Sequence[str], r: Sequence[
                 row_names: Sequence[str] | None = None) -> None:
   """``R.csv``: a header ``after,<task>...`` and one row per trained stage."""
   row_names = row_names or [f"after_{t}" for t in tasks[:len(r)]]
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(["after", *tasks])
-    for name, row in zip(row_names, r):
-      w.writerow([name, *(f"{x:.6f}" for x in row)])
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  w.writerow(["after", *tasks])
+  for name, row in zip(row_names, r):
+    w.writerow([name, *(f"{x:.6f}" for x in row)])
+  run_path(path).write_bytes(buf.getvalue().encode("utf-8"))
 
 
 def read_r_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[list[float]]]:
   """The task names and the rows of an ``R.csv``."""
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.reader(f))
+  text = run_path(path).read_bytes().decode("utf-8")
+  rows = list(csv.reader(io.StringIO(text, newline="")))
   return rows[0][1:], [[float(x) for x in row[1:]] for row in rows[1:]]
 
 
@@ -161,6 +198,14 @@ def _pyplot():
   return plt
 
 
+def _save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
+  """``fig.savefig`` into memory, then one write (savefig cannot write to a URL)."""
+  path = run_path(path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=110)
+  path.write_bytes(buf.getvalue())
+
+
 def plot_r_heatmap(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
   plt = _pyplot()
   r = np.asarray(results["R"], np.float64) * 100
@@ -177,7 +222,7 @@ def plot_r_heatmap(results: Mapping[str, Any], path: str | os.PathLike[str]) -> 
   ax.set_title(f"{results.get('method', '')} accuracy (%)")
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save_figure(fig, path)
   plt.close(fig)
 
 
@@ -201,7 +246,7 @@ def plot_task_curves(results: Mapping[str, Any], path: str | os.PathLike[str]) -
   ax.legend(fontsize=7, ncol=2)
   ax.set_title(f"{results.get('method', '')}: per-task accuracy")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save_figure(fig, path)
   plt.close(fig)
 
 
@@ -241,14 +286,14 @@ def plot_rank_map(results: Mapping[str, Any], path: str | os.PathLike[str]) -> b
         ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if m[i, j] < 0.6 else "k")
   fig.colorbar(im, ax=axes[0].tolist(), fraction=0.046)
   fig.suptitle("protected fraction of min(m, n) (mean over the block's matrices)", fontsize=9)
-  fig.savefig(path, dpi=110)
+  _save_figure(fig, path)
   plt.close(fig)
   return True
 
 
-def write_plots(results: Mapping[str, Any], run_dir: str | os.PathLike[str]) -> list[Path]:
+def write_plots(results: Mapping[str, Any], run_dir: str | os.PathLike[str]) -> list[epath.Path]:
   """Writes every plot of the module docstring that applies; returns the files written."""
-  run_dir = Path(run_dir)
+  run_dir = run_path(run_dir)
   out = []
   plot_r_heatmap(results, run_dir / PLOTS[0])
   out.append(run_dir / PLOTS[0])
@@ -259,10 +304,10 @@ def write_plots(results: Mapping[str, Any], run_dir: str | os.PathLike[str]) -> 
   return out
 
 
-def write_outputs(results: Mapping[str, Any], run_dir: str | os.PathLike[str]) -> list[Path]:
+def write_outputs(results: Mapping[str, Any], run_dir: str | os.PathLike[str]) -> list[epath.Path]:
   """``results.json``, ``R.csv`` and the plots."""
-  run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  run_dir = run_path(run_dir)
+  make_dirs(run_dir)
   write_json(run_dir / RESULTS, results)
   write_r_csv(run_dir / R_CSV, results["tasks"], results["R"], results.get("row_names"))
   return [run_dir / RESULTS, run_dir / R_CSV, *write_plots(results, run_dir)]

@@ -21,6 +21,10 @@ them as replicated), and results computed on sharded parameters come back throug
 holds the same R, ranks and invariant. Only process 0 prints, draws progress bars, writes TensorBoard,
 ``config.yaml``, ``results.json``, ``R.csv`` and the plots; all processes write and read the Orbax checkpoints
 together (``run_dir`` must be a folder every host sees, e.g. a bucket on a pod).
+
+``run_dir`` is an ``etils.epath`` path (``outputs.run_path``): a local folder or a URL (``gs://bucket/run``).
+With a URL, TensorBoard writes to a local temporary folder that is copied to ``<run_dir>/tensorboard`` at every
+task boundary and at the end (``_Writer``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 import clsvd_jax as cj
 from clsvd_jax import scheduler as sched_lib
@@ -137,27 +145,59 @@ def _stage_name(names: list[str], stage: list[int]) -> str:
 
 class _Writer:
   """TensorBoard scalars (tensorboardX); a no-op when the package is missing or when not ``enabled`` (processes
-  other than 0)."""
+  other than 0).
 
-  def __init__(self, run_dir: Path, enabled: bool = True):
+  A ``run_dir`` that is a URL: tensorboardX writes ``gs://`` only through google-cloud-storage (and no other
+  scheme), so the event files go to a local temporary folder and ``sync`` copies them whole to
+  ``<run_dir>/tensorboard`` (at task boundaries and on ``close``); they are small (a few scalars per step).
+  """
+
+  def __init__(self, run_dir: epath.Path, enabled: bool = True):
     self._w = None
+    self._local: Path | None = None
+    self._remote: epath.Path | None = None
     if not enabled:
       return
     try:
       from tensorboardX import SummaryWriter
-
-      self._w = SummaryWriter(str(run_dir / "tensorboard"))
     except ImportError:  # pragma: no cover - tensorboardX is a dependency
-      self._w = None
+      return
+    logdir = run_dir / "tensorboard"
+    if outputs.is_local(logdir):
+      self._w = SummaryWriter(str(logdir))
+    else:
+      self._local = Path(tempfile.mkdtemp(prefix="clsvd-tensorboard-"))
+      self._remote = logdir
+      self._w = SummaryWriter(str(self._local))
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     if self._w is not None:
       self._w.add_scalar(tag, float(value), step)
 
+  def sync(self) -> None:
+    """Copies the event files to a ``run_dir`` URL; nothing to do for a local one (tensorboardX writes there)."""
+    if self._w is None or self._remote is None:
+      return
+    self._w.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    try:
+      for f in sorted(self._local.rglob("*")):
+        if f.is_file():
+          (self._remote / f.relative_to(self._local).as_posix()).write_bytes(f.read_bytes())
+    except OSError as e:
+      # The logs are a view of the run, not its results: a failed upload must not stop training.
+      log.warning("could not copy the TensorBoard logs to %s: %s", self._remote, e)
+
   def close(self) -> None:
     if self._w is not None:
       self._w.flush()
       self._w.close()
+      if self._remote is not None:
+        self._upload()
+        shutil.rmtree(self._local, ignore_errors=True)
+      self._w = None
 
 
 def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None = None,
@@ -180,8 +220,11 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   """
   main = jax.process_index() == 0
   say = (echo if main else None) or (lambda _msg: None)
-  run_dir = Path(config.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    run_dir = outputs.run_path(config.run_dir)
+  except ValueError as e:
+    raise ConfigError(f"run_dir: {e}") from None
+  outputs.make_dirs(run_dir)
   p = prepared or prepare(config)
   for note in p.notes:
     say(f"note: {note}")
@@ -228,7 +271,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
                            "R": [], "counts": [], "baseline": None, "baseline_counts": None, "invariant": [],
                            "losses": [], "tokens": 0, "train_seconds": 0.0, "eval_seconds": 0.0,
                            "config_hash": _config_hash(config)}
-  last_ckpt: Path | None = None
+  last_ckpt: epath.Path | None = None
   if resume:
     found = ckpt_lib.agreed_latest_checkpoint(run_dir)
     if found is not None:
@@ -252,7 +295,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
       say(f"resumed from {found} (stage {state['stage'] + 1}/{len(stages)}, step {state['step']}, "
           f"phase {state['phase']})")
   if main and (not resume or last_ckpt is None):
-    dump_config(config, run_dir / "config.yaml")
+    _write_config(config, run_dir / "config.yaml")
 
   writer = _Writer(run_dir, enabled=main)
   progress = tcfg.progress and main
@@ -265,7 +308,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
     state["eval_seconds"] += time.perf_counter() - t0
     return [r.accuracy for r in res], [r.correct for r in res], [r.total for r in res]
 
-  def save(params: Any, opt_state: Any) -> Path:
+  def save(params: Any, opt_state: Any) -> epath.Path:
     arrays = {"params": params, "opt_state": opt_state, "anchor": anchor, "rng": rng}
     meta = {"run": state, "scheduler": scheduler.to_dict() if scheduler is not None else None,
             "anchor_paths": sorted(anchor) if any(np.ndim(a) for a in anchor.values()) else [],
@@ -334,6 +377,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
           writer.scalar(f"eval/{n}", a, si)
         state.update(stage=si + 1, phase="boundary", step=0, position=None)
         last_ckpt = save(params, opt_state)
+        writer.sync()
   finally:
     writer.close()
 
@@ -345,7 +389,18 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   return results
 
 
-def restore_params(config: RunConfig, p: Prepared, ckpt: str | Path) -> Any:
+def _write_config(config: RunConfig, path: epath.Path) -> None:
+  """``config.yaml``; for a URL through a local temporary file (``dump_config`` writes local files)."""
+  if outputs.is_local(path):
+    dump_config(config, path)
+    return
+  with tempfile.TemporaryDirectory(prefix="clsvd-config-") as tmp:
+    local = Path(tmp) / path.name
+    dump_config(config, local)
+    path.write_bytes(local.read_bytes())
+
+
+def restore_params(config: RunConfig, p: Prepared, ckpt: str | os.PathLike[str]) -> Any:
   """The parameters saved in a checkpoint of a run of ``config`` (for ``clsvd eval --checkpoint``)."""
   method = get_method(config.method)
   apply_fn, params = model_io.functional(p.model)
@@ -434,7 +489,7 @@ def _on_mesh(m: MeshConfig, batch_size: int, tx: Any, raw_step: Any, params: Any
 
 def _train_stage(config: RunConfig, train_step: Any, params: Any, opt_state: Any, it: BatchIterator,
                  total_steps: int, state: dict[str, Any], writer: _Writer, name: str, si: int, num_stages: int,
-                 save: Callable[[Any, Any], Path], *, put_batch: Callable[[Any], Any] | None,
+                 save: Callable[[Any, Any], epath.Path], *, put_batch: Callable[[Any], Any] | None,
                  stop: Callable[[], bool], counter: list[int], progress: bool) -> tuple[Any, Any]:
   """The optimizer steps of one stage, from ``state['step']`` to ``total_steps``."""
   tcfg = config.training

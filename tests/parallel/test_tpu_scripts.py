@@ -28,8 +28,9 @@ def test_v4_32_worked_example_full_run():
   install = ("rm -rf ~/clsvd_jax && mkdir -p ~/clsvd_jax && tar -xzf ~/clsvd_jax.tar.gz -C ~/clsvd_jax && "
              "python3 -m venv ~/clsvd-venv && ~/clsvd-venv/bin/pip install -q -U pip && "
              "~/clsvd-venv/bin/pip install -q -U '\"'\"'jax[tpu]'\"'\"' && ~/clsvd-venv/bin/pip install -q -e "
-             "~/clsvd_jax && ~/clsvd-venv/bin/python -c '\"'\"'import jax, clsvd_jax; print(jax.process_index(), "
-             "jax.device_count())'\"'\"'")
+             # With a bucket: the gcs extra (gcsfs), through which the runner reads and writes the gs:// run_dir.
+             "~/clsvd_jax'\"'\"'[gcs]'\"'\"' && ~/clsvd-venv/bin/python -c '\"'\"'import jax, clsvd_jax; "
+             "print(jax.process_index(), jax.device_count())'\"'\"'")
   # With a bucket the whole run directory (results and Orbax checkpoints, written by every host) lives there.
   train = ("set -o pipefail; ( cd ~/clsvd_jax && CLSVD_DISTRIBUTED=1 ~/clsvd-venv/bin/clsvd train "
            "configs/t5_large/order1.yaml --set run_dir=gs://my-bucket/t5-order1 ) 2>&1 | tee ~/clsvd_run.log")
@@ -85,6 +86,13 @@ def test_launch_detached_quotes_user_values():
   assert run[:3] == ["mkdir", "-p", "runs/run"]
   assert sets == ["run_dir=$HOME/runs/run", "train.lr=1e-4"]
   assert run[-1] == "--resume"
+
+
+def test_install_without_bucket_has_no_gcs_extra():
+  proc = dry(*V4, script="install")
+  assert proc.returncode == 0, proc.stderr
+  remote = shlex.split(proc.stdout.strip().splitlines()[-1])[7].removeprefix("--command=")
+  assert "pip install -q -e ~/clsvd_jax &&" in remote and "[gcs]" not in remote
 
 
 def test_fetch_without_bucket_copies_from_worker_0():
