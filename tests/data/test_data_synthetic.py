@@ -1,4 +1,5 @@
-"""The generated task stream: deterministic, CL_Benchmark layout, balanced, same inputs, different rules."""
+"""The generated task stream: deterministic, CL_Benchmark layout, balanced, one input domain per task, the key
+symbol decides the answer."""
 
 import collections
 import json
@@ -44,38 +45,36 @@ def test_layout_is_cl_benchmark_and_the_loader_reads_it(tmp_path):
   assert same.task.labels == low.task.labels and same.task.source == "synthetic"
 
 
-def test_balanced_short_and_every_string_answers_every_task(tmp_path):
+def test_balanced_short_and_the_key_decides(tmp_path):
   D.write_synthetic_benchmark(tmp_path, seed=1, n_train=200, n_test=20)
   tasks = D.SYNTHETIC_TASKS
-  tables = [synthetic.key_table(t, i, 1) for i, t in enumerate(tasks)]
   tok = transformers.ByT5Tokenizer()
   for i, t in enumerate(tasks):
+    table = synthetic.key_table(t, i, 1)
     recs = json.loads((tmp_path / "SYN" / t.name / "train.json").read_text())
     assert collections.Counter(r["label"] for r in recs) == {w: 50 for w in t.labels}
     assert all(3 <= len(w) <= 6 for w in t.labels) and len({w[0] for w in t.labels}) == len(t.labels)
     for r in recs:
       s = r["sentence"]
       assert len(s) == synthetic.STRING_LENGTH
-      # One symbol of every task's key set: each string has an answer under each task's rule.
-      answers = []
-      for j, other in enumerate(tasks):
-        (key,) = [c for c in s if c in other.keys]
-        answers.append(other.labels[tables[j][key]])
-      assert answers[i] == r["label"]
+      (key,) = [c for c in s if c in t.keys]
+      assert t.labels[table[key]] == r["label"]
+      assert set(s) - {key} <= set(t.filler)
   data = D.load_task(D.TaskSpec.from_dict({"name": "high", "source": "cl_benchmark", "path": str(tmp_path)}))
   enc = D.encode_examples(data.task, data.train, tok, kind="decoder", max_length=128, max_target_length=8)
   assert enc.truncated_prompts == 0 and max(e.length for e in enc.examples) <= 128
 
 
-def test_tasks_disagree_on_the_same_strings():
-  # Same inputs, other rules: a model that answers one task's way is wrong on the others (forgetting is visible).
+def test_each_task_has_its_own_input_domain_and_words():
+  # Disjoint alphabets (the finished tasks' input subspaces leave room for the next) and disjoint label words
+  # (a model that answers the newest task's way is wrong on every earlier task: forgetting is visible).
   tasks = D.SYNTHETIC_TASKS
-  recs = synthetic.generate_task(tasks, 0, seed=0, n=100, split_id=0)
-  tables = [synthetic.key_table(t, i, 0) for i, t in enumerate(tasks)]
-  for r in recs:
-    by_rule = [next(other.labels[tables[j][c]] for c in r["sentence"] if c in other.keys)
-               for j, other in enumerate(tasks)]
-    assert len(set(by_rule)) == len(tasks)  # disjoint label words
+  alphabets = [set("".join(r["sentence"] for r in synthetic.generate_task(tasks, i, 0, 100, 0)))
+               for i in range(len(tasks))]
+  for i in range(len(tasks)):
+    for j in range(i):
+      assert not alphabets[i] & alphabets[j]
+      assert not set(tasks[i].labels) & set(tasks[j].labels)
 
 
 def test_ensure_rewrites_only_on_change(tmp_path):
@@ -90,7 +89,14 @@ def test_ensure_rewrites_only_on_change(tmp_path):
 
 def test_bad_task_definitions():
   with pytest.raises(ValueError, match="overlap"):
-    clash = (D.SyntheticTask("a", "0123", ("w", "x", "y", "z")), D.SyntheticTask("b", "3456", ("p", "q", "r", "s")))
+    clash = (D.SyntheticTask("a", "0123", ("w", "x", "y", "z"), "ab"),
+             D.SyntheticTask("b", "3456", ("p", "q", "r", "s"), "cd"))
     D.write_synthetic_benchmark("/nonexistent-never-written", tasks=clash)
+  with pytest.raises(ValueError, match="overlap"):
+    clash = (D.SyntheticTask("a", "0123", ("w", "x", "y", "z"), "ab"),
+             D.SyntheticTask("b", "4567", ("p", "q", "r", "s"), "bc"))
+    D.write_synthetic_benchmark("/nonexistent-never-written", tasks=clash)
+  with pytest.raises(ValueError, match="filler letter"):
+    synthetic.generate_task((D.SyntheticTask("a", "01", ("w", "x"), ""),), 0, 0, 4, 0)
   with pytest.raises(ValueError, match="one distinct key symbol per label"):
-    synthetic.generate_task((D.SyntheticTask("a", "01", ("w", "x", "y")),), 0, 0, 4, 0)
+    synthetic.generate_task((D.SyntheticTask("a", "01", ("w", "x", "y"), "ab"),), 0, 0, 4, 0)
