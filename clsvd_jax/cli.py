@@ -198,11 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from clsvd_jax.config import ConfigError
   from clsvd_jax.data.tasks import DataError
+  from clsvd_jax.train.outputs import RunPathError
   from clsvd_jax.train.runner import TrainingError
 
   try:
     return COMMANDS[args.command](args)
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, RunPathError) as e:
     return _error(str(e))
   except FileNotFoundError as e:
     return _error(str(e))

@@ -87,3 +87,8 @@ def test_inspect_memory_hook(capsys):
   assert "per device" in capsys.readouterr().out
   assert cli.main(["inspect", "--memory", "no-such-model"]) == cli.EXIT_BAD_INPUT
   assert "inspect --memory no-such-model" in capsys.readouterr().err
+
+
+def test_run_dir_with_an_unknown_url_scheme_is_bad_input(capsys):
+  assert cli.main(["inspect", "memory://bucket/run"]) == cli.EXIT_BAD_INPUT
+  assert "unsupported URL scheme" in capsys.readouterr().err

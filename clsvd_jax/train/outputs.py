@@ -29,16 +29,20 @@ R_CSV = "R.csv"
 PLOTS = ("R_heatmap.png", "task_curves.png", "protected_ranks.png")
 
 
+class RunPathError(ValueError):
+  """A run directory given as a URL whose scheme no file system here can read."""
+
+
 def run_path(path: str | os.PathLike[str]) -> epath.Path:
   """``path`` as an ``epath.Path``: local paths behave as ``pathlib``; ``gs://``, ``s3://``... go to a bucket.
 
   Raises:
-    ValueError: for a URL scheme epath does not know (``pathlib`` would silently make it a local folder).
+    RunPathError: for a URL scheme epath does not know (``pathlib`` would silently make it a local folder).
   """
   try:
     return epath.Path(path)
   except KeyError:
-    raise ValueError(f"{os.fspath(path)!r}: unsupported URL scheme (use a local path or gs://, s3://, az://, "
+    raise RunPathError(f"{os.fspath(path)!r}: unsupported URL scheme (use a local path or gs://, s3://, az://, "
                      "hf://)") from None
 
 
