@@ -80,7 +80,7 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--d", type=int, default=256)
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--tokens", type=int, default=4096)
-  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--protected", type=float, nargs="+", default=[0.1, 0.5, 0.9])
   ap.add_argument("--max-rank-ratio", type=float, default=None,
                   help="rank cap the bases are sized for (default: each setting's protected fraction, the smallest "
@@ -121,6 +121,8 @@ def main(argv=None) -> list[dict]:
     row = {
         "protected": frac,
         "step_ratio": round(statistics.median(ratios[frac]), 4),
+        # The spread of the paired ratios: CPU timings are noisy, a ratio means little without it.
+        "step_ratio_q1_q3": [round(q, 4) for q in np.percentile(ratios[frac], [25, 75])],
         "state_ratio": round(run["state_ratio"], 4),
         "median_step_s_constrained": round(statistics.median(run["times"]), 5),
         "median_step_s_plain": round(statistics.median(plain_run["times"]), 5),
