@@ -204,3 +204,44 @@ def to_host(tree: Any) -> Any:
     return np.asarray(x)
 
   return jax.tree.map(one, tree)
+
+
+# ------------------------------------------------------------------------------- several processes on one machine
+
+
+def free_local_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a local coordinator)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def local_process_env(process_id: int, num_processes: int, port: int, *, devices_per_process: int,
+                      base: Mapping[str, str] | None = None, xla_flags: str = "") -> dict[str, str]:
+  """The environment of process ``process_id`` of a CPU cluster on localhost, for ``initialize_from_env``.
+
+  Lets one machine rehearse a multi-host job: each process gets ``devices_per_process`` CPU devices, and
+  ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` point them at one coordinator.
+  """
+  env = dict(os.environ if base is None else base)
+  env.pop(ENV_FLAG, None)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {xla_flags}".strip(),
+             JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+             JAX_PROCESS_ID=str(process_id))
+  return env
+
+
+def wait_all(procs: Any, timeout: float) -> list[tuple[str, str]]:
+  """``communicate()`` with every process (text mode); kills those still running when one fails or time is up."""
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return outs

@@ -5,7 +5,6 @@ device with the same values."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,36 +13,22 @@ import jax
 import numpy as np
 
 from clsvd_jax import flatten_with_paths
-from clsvd_jax.parallel import checkpoint, selfcheck
+from clsvd_jax.parallel import checkpoint, distributed, selfcheck
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree_with_one(tmp_path):
-  port = _free_port()
+  port = distributed.free_local_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = distributed.local_process_env(pid, 2, port, devices_per_process=4)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "clsvd_jax.parallel.selfcheck", "--mesh", "data=2,fsdp=2,tensor=2", "--tol", "1e-5",
            "--checkpoint", str(tmp_path / "ckpt"), "--dump", str(tmp_path / "params.npz"),
            "--report", str(tmp_path / "report.json")]
     procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=600))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  outs = distributed.wait_all(procs, timeout=600)
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, f"process failed (rc {p.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
   report = json.loads((tmp_path / "report.json").read_text())

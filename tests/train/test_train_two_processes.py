@@ -9,7 +9,6 @@ cores is the cost of this test, so the uninterrupted two-process run is left to 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from _train_helpers import tiny_config_dict
 
 from clsvd_jax import config as C
+from clsvd_jax.parallel import distributed
 from clsvd_jax.train import outputs, runner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,23 +73,16 @@ sys.exit(cli.main(["train", cfg_path, "--resume"]))
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, cfg_path: Path, stop_after: int) -> list[subprocess.Popen]:
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
-  port = _free_port()
+  port = distributed.free_local_port()
   procs = []
   for pid in range(2):
     # Optimisation level 0: the CPU programs compile faster (numerics stay within the test's tolerances).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
-               JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CLSVD_DISTRIBUTED", None)
+    env = distributed.local_process_env(pid, 2, port, devices_per_process=4,
+                                        xla_flags="--xla_backend_optimization_level=0")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     procs.append(subprocess.Popen([sys.executable, str(script), str(cfg_path), str(stop_after)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path)))
   return procs
@@ -105,17 +98,14 @@ def test_two_processes_killed_and_resumed_equal_single_process(tmp_path):
   cfg_path = tmp_path / "two_processes.yaml"
   cfg_path.write_text(yaml.safe_dump(multi))
   procs = _launch(tmp_path, cfg_path, stop_after=7)
-  outs = []
   try:
     # The single-process reference runs here meanwhile (the workers spend their first seconds starting up).
     reference = runner.run(C.from_dict(d), echo=None)
+  except BaseException:
     for p in procs:
-      outs.append(p.communicate(timeout=600))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+      p.kill()
+    raise
+  outs = distributed.wait_all(procs, timeout=600)
   for pid, (p, (out, err)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {pid} failed (rc {p.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
     assert "INTERRUPTED" in out, f"process {pid} was not interrupted:\n{out[-3000:]}"
