@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from etils import epath
 
 from clsvd_jax.data.tasks import DataError, parse_task_specs
 
@@ -555,6 +557,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
   return config
 
 
-def dump_config(config: RunConfig, path: str | Path) -> None:
-  """Writes a config as YAML (what ``load_config`` reads back)."""
-  Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def dump_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
+  """Writes a config as YAML (what ``load_config`` reads back) to a local path or a URL (``gs://...``)."""
+  epath.Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,9 +128,6 @@ def restore(ckpt: str | os.PathLike[str], target: Any) -> Any:
 
 
 def _rmtree(d: epath.Path, ignore_errors: bool = False) -> None:
-  if is_local(d):
-    shutil.rmtree(d, ignore_errors=ignore_errors)
-    return
   try:
     d.rmtree()
   except OSError:

@@ -295,7 +295,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
       say(f"resumed from {found} (stage {state['stage'] + 1}/{len(stages)}, step {state['step']}, "
           f"phase {state['phase']})")
   if main and (not resume or last_ckpt is None):
-    _write_config(config, run_dir / "config.yaml")
+    dump_config(config, run_dir / "config.yaml")
 
   writer = _Writer(run_dir, enabled=main)
   progress = tcfg.progress and main
@@ -387,17 +387,6 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   say(outputs.format_r_table(results, title=f"[{config.method}] R (accuracy %)"))
   say(outputs.format_summary(results))
   return results
-
-
-def _write_config(config: RunConfig, path: epath.Path) -> None:
-  """``config.yaml``; for a URL through a local temporary file (``dump_config`` writes local files)."""
-  if outputs.is_local(path):
-    dump_config(config, path)
-    return
-  with tempfile.TemporaryDirectory(prefix="clsvd-config-") as tmp:
-    local = Path(tmp) / path.name
-    dump_config(config, local)
-    path.write_bytes(local.read_bytes())
 
 
 def restore_params(config: RunConfig, p: Prepared, ckpt: str | os.PathLike[str]) -> Any:
