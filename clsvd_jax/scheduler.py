@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 import clsvd_jax as cj
+from clsvd_jax._src import linalg
 from clsvd_jax._src import rank_policy as rp
 from clsvd_jax.config import OsftConfig
 
@@ -170,7 +171,7 @@ def _weight_spectrum(w: jax.Array, prev: cj.Subspace | None) -> tuple[jax.Array,
   total = _fro2(w)
   r = w if prev is None else cj.project(w, prev, "both")
   rest = _fro2(r)
-  return total - rest, jnp.linalg.svd(r, compute_uv=False), total
+  return total - rest, linalg.svd(r, compute_uv=False), total
 
 
 def _complement_spectrum(w: Any, prev: cj.Subspace | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -185,7 +186,7 @@ def _cov_spectrum(cov: jax.Array, prev: cj.Subspace | None) -> tuple[jax.Array, 
   if prev is not None:
     # (I - VV^T) C (I - VV^T): project rows and columns onto the right complement.
     c = cj.complement_right(prev, jnp.swapaxes(cj.complement_right(prev, c), -1, -2))
-  return total, jnp.linalg.eigvalsh(0.5 * (c + jnp.swapaxes(c, -1, -2)))
+  return total, linalg.eigvalsh(0.5 * (c + jnp.swapaxes(c, -1, -2)))
 
 
 def _covariance_spectrum(cov: Any, prev: cj.Subspace | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clsvd_jax._src import tree_paths
+from clsvd_jax._src import linalg, tree_paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SIDES = ("both", "left", "right", "block")
@@ -211,7 +211,7 @@ def _projector(basis: jax.Array, allow: jax.Array) -> jax.Array:
 
 def _sorted_eigvecs(sym: jax.Array) -> jax.Array:
   """Eigenvectors of a symmetric PSD matrix, largest eigenvalue first."""
-  _, vecs = jnp.linalg.eigh(sym)
+  _, vecs = linalg.eigh(sym)
   return vecs[..., ::-1]
 
 
@@ -280,11 +280,12 @@ def _accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int,
   kf = flat(k, False)
   pf = Subspace(flat(prev.left, True), flat(prev.right, True), flat(prev.left_allow, False),
                 flat(prev.right_allow, False), flat(prev.rank, False))
-  # One batched decomposition over every stacked layer (DESIGN 5).
+  # Every stacked layer in one program: batched on accelerators, one matrix after another on CPU (``linalg``).
   if cov is None:
-    sub, spectrum = jax.vmap(lambda a, b, c: _accumulate_one(a, b, c, capacity))(wf, kf, pf)
+    sub, spectrum = linalg.map_matrices(lambda a, b, c: _accumulate_one(a, b, c, capacity), wf, kf, pf)
   else:
-    sub, spectrum = jax.vmap(lambda a, b, c, d: _accumulate_one(a, b, c, capacity, d))(wf, kf, pf, flat(cov, True))
+    sub, spectrum = linalg.map_matrices(lambda a, b, c, d: _accumulate_one(a, b, c, capacity, d), wf, kf, pf,
+                                        flat(cov, True))
   unflat = lambda x: x.reshape(batch + x.shape[1:])
   sub = Subspace(unflat(sub.left).astype(dtype), unflat(sub.right).astype(dtype), unflat(sub.left_allow),
                  unflat(sub.right_allow), unflat(sub.rank))
