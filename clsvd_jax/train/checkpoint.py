@@ -213,7 +213,9 @@ def _agreed_readable(run_dir: str | os.PathLike[str]
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+  # TensorStore appends a long dump of its spec to the one sentence that matters.
+  first = (text[0] if text else "").split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {first}"[:300]
 
 
 def restore(ckpt: str | os.PathLike[str], target: Any) -> Any:

@@ -23,7 +23,7 @@ def write(ctx: RunContext, state: RunState) -> dict[str, Any]:
   ctx.say(outputs.format_r_table(res, title=f"[{ctx.config.method}] R (accuracy %)"))
   ctx.say(outputs.format_summary(res))
   if res["diverged"]:
-    ctx.say(f"warning: the training loss diverged on {', '.join(res['diverged'])} (see the warnings above)")
+    ctx.say(f"warning: training diverged on {', '.join(res['diverged'])} (see the warnings above)")
   return res
 
 
