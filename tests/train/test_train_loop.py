@@ -54,3 +54,4 @@ def test_a_non_finite_step_between_fetches_is_named_at_the_next_fetch(tmp_path, 
   with pytest.raises(runner.TrainingError, match=r"update norm \(nan\) at step 2 of task 1 \(low\), global step 2;"
                                                  r".*no checkpoint was written yet"):
     runner.run(C.from_dict(d), echo=None)
+

@@ -98,6 +98,14 @@ def test_eval_checkpoint_falls_back_too_and_says_so(finished, capsys):
   printed = capsys.readouterr().out
   assert "step_00000040" in printed and "is damaged" in printed and "using the older" in printed
   assert json.loads(out.read_text())["source"].endswith("step_00000039")
+  # A damaged checkpoint given by name is not replaced by another: one line naming it.
+  chosen = Path(d["run_dir"]) / "checkpoints" / "step_00000026"
+  big = max((p for p in (chosen / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  big.write_bytes(big.read_bytes()[:100])
+  for ckpt, words in ((meta.parent, "is damaged"), (chosen, "its arrays cannot be read")):
+    assert cli.main(["eval", _yaml(tmp, d, "eval.yaml"), "--checkpoint", str(ckpt)]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err and ckpt.name in err
 
 
 def test_every_checkpoint_damaged_is_one_line_naming_them(finished, capsys):
