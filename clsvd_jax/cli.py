@@ -97,8 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"results in {cfg.run_dir}")
   if res["diverged"]:
     return _error(f"training diverged on {', '.join(res['diverged'])} (a step larger than the weights, or a loss "
-                  "that rose over the task to above chance; see the warnings above); the results are written, but "
-                  "lower optimizer.lr", EXIT_DIVERGED)
+                  "that rose 1.5-fold over the task to above chance; see the warnings above); the results are "
+                  "written, but lower optimizer.lr", EXIT_DIVERGED)
   return 0
 
 

@@ -88,18 +88,22 @@ class TaskStats:
     return self.tail_sum / self.tail_count if self.tail_count else None
 
 
+# How far the loss must rise over a task to count as diverging: noise and stagnation (a task whose protected
+# directions leave little room, new label words) move the tail a few percent, a blow-up multiplies it.
+LOSS_RISE = 1.5
+
+
 def divergence(stats: TaskStats, vocab_size: int | None) -> str | None:
   """Why a finished task counts as diverged, or None. A task diverged when either
 
   1. one optimizer step changed the parameters by more than their whole norm at the start of the task
-     (``max_update_norm > param_norm``): the weights were overwritten, not trained. A sane learning rate moves
-     them by about ``lr`` relative per step (AdamW at 1e-3: 1e-3), so this is orders of magnitude from any
-     real run; a learning rate far too large with clipping on (which keeps every value finite) gets here at
-     its first step; or
-  2. the loss went up over the task and ended worse than a uniform guess: the mean loss of the last tenth of
-     the steps is above the mean of the first tenth and above ``ln(vocab_size)``, the cross entropy of giving
-     every token of the vocabulary the same probability. A task that learns slowly stays below its starting
-     loss; one that starts high (new label words) and comes down is fine.
+     (``max_update_norm > param_norm``): the weights were overwritten, not trained. AdamW moves each weight by
+     about ``lr`` per step, so a real run stays at ``lr / (typical weight)``, far below 1; a learning rate far
+     too large with clipping on (which keeps every value finite) gets there at its first step; or
+  2. the loss blew up: the mean loss of the last tenth of the steps is more than ``LOSS_RISE`` (1.5) times the
+     mean of the first tenth, and above ``ln(vocab_size)``, the cross entropy of giving every token of the
+     vocabulary the same probability (a model worse than a uniform guess). A task that learns slowly, or not at
+     all, stays near its starting loss and is not called diverged.
   """
   if stats.param_norm > 0 and stats.max_update_norm > stats.param_norm:
     return (f"one step moved the parameters by {stats.max_update_norm:.3g}, more than their norm "
@@ -108,9 +112,9 @@ def divergence(stats: TaskStats, vocab_size: int | None) -> str | None:
   if head is None or tail is None:
     return None
   chance = math.log(vocab_size) if vocab_size else 0.0
-  if tail > head and tail > chance:
-    return (f"the mean loss rose from {head:.3f} (first tenth of the steps) to {tail:.3f} (last tenth), above "
-            f"chance (ln {vocab_size} = {chance:.2f})")
+  if tail > LOSS_RISE * head and tail > chance:
+    return (f"the mean loss rose from {head:.3f} (first tenth of the steps) to {tail:.3f} (last tenth), more than "
+            f"{LOSS_RISE:g} times, and above chance (ln {vocab_size} = {chance:.2f})")
   return None
 
 

@@ -15,6 +15,7 @@ from clsvd_jax.data.tasks import DataError
 from clsvd_jax.train import checkpoint as ckpt_lib
 from clsvd_jax.train import runner
 from clsvd_jax.train import step as step_lib
+from clsvd_jax.train.run_state import TaskStats, divergence
 
 
 def _bench(root, *, train=None, labels=("pos", "neg"), test=None):
@@ -163,19 +164,37 @@ def test_max_length_that_cuts_most_prompts_is_an_error_with_the_fix(tmp_path):
 
 def test_a_diverging_run_finishes_with_a_warning_and_exit_4(tmp_path, capsys):
   # A learning rate of 1e6 with clipping keeps every value finite but overwrites the weights: task 1's first step
-  # is larger than the weights themselves; task 2's loss rises over the task to above chance.
+  # is larger than the weights themselves. (Task 2 starts from wrecked weights: its loss stays wrecked, ~12.)
   d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft", optimizer={"lr": 1e6, "clip_norm": 1.0})
   d["eval"]["initial"] = False
   path = tmp_path / "c.yaml"
   path.write_text(yaml.safe_dump(d))
   assert cli.main(["train", str(path)]) == cli.EXIT_DIVERGED
   captured = capsys.readouterr()
-  assert "training diverged on low, high" in captured.err and len(captured.err.strip().splitlines()) == 1
+  assert "training diverged on low" in captured.err and len(captured.err.strip().splitlines()) == 1
   assert "warning: task 1 (low) diverged: one step moved the parameters by" in captured.out
-  assert "warning: task 2 (high) diverged: the mean loss rose from" in captured.out
   res = json.loads((tmp_path / "run_seqft" / "results.json").read_text())
-  assert res["diverged"] == ["low", "high"]
+  assert res["diverged"][0] == "low"
   # (The same stream at lr 3e-3 exits 0: tests/test_cli_runner.py::test_train_inspect_eval.)
+
+
+@pytest.mark.parametrize("stats, vocab, diverged", [
+  # A step larger than the weights (lr 1e6 with clipping: 7e7 against 114).
+  (dict(head_sum=13.8, head_count=1, tail_sum=11.7, tail_count=1, param_norm=114.0, max_update_norm=7.2e7), 384,
+   "one step moved"),
+  # The loss blew up: 2.0 -> 9.0 over the task, above ln 384 = 5.95.
+  (dict(head_sum=4.0, head_count=2, tail_sum=18.0, tail_count=2, param_norm=10.0, max_update_norm=0.1), 384,
+   "rose from 2.000"),
+  # cpu_small's osft task 2 on 2 steps: 19.66 -> 19.92 is noise on a stagnating loss, not a divergence.
+  (dict(head_sum=19.655, head_count=1, tail_sum=19.916, tail_count=1, param_norm=50.0, max_update_norm=0.05), 384,
+   None),
+  # Rising 3-fold but still better than a uniform guess; and a high loss that comes down.
+  (dict(head_sum=1.0, head_count=1, tail_sum=3.0, tail_count=1, param_norm=50.0, max_update_norm=0.05), 384, None),
+  (dict(head_sum=20.0, head_count=1, tail_sum=9.0, tail_count=1, param_norm=50.0, max_update_norm=0.05), 384, None),
+])
+def test_divergence_by_hand(stats, vocab, diverged):
+  why = divergence(TaskStats(**stats), vocab)
+  assert (why is None) if diverged is None else (diverged in why)
 
 
 def test_sigterm_names_the_phase_and_the_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -8,8 +8,8 @@ does any step after it), so the fetch that finds one raises ``TrainingError`` na
 checkpoint, which no bad step has touched: checkpoints are only written right after a clean fetch.
 
 At the end of the task the mean loss of its last tenth of steps is the task's ``train_loss``; a task that
-diverged (``run_state.divergence``: a step larger than the weights, or a loss that rose to above chance) is
-recorded with a warning.
+diverged (``run_state.divergence``: a step larger than the weights, or a loss that rose 1.5-fold to above chance)
+is recorded with a warning.
 """
 
 from __future__ import annotations
