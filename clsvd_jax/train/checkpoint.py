@@ -274,5 +274,6 @@ class Checkpointer:
     self.last = save(self.run_dir, global_step, arrays, meta, keep=self.keep)
     return self.last
 
-  def describe(self) -> str:
-    return f"the last checkpoint is {self.last}" if self.last is not None else "no checkpoint was written yet"
+  def describe(self, what: str = "the last checkpoint") -> str:
+    """``<what> is <path>``, or that there is none yet (for messages)."""
+    return f"{what} is {self.last}" if self.last is not None else "no checkpoint was written yet"

@@ -89,8 +89,15 @@ def train_task(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainSta
         loop.fetch_metrics()
       if ckpt_due:
         ctx.save(state, loop.arrays())
+        loop.restart_clock()  # training throughput leaves the save out
   _finish_task(ctx, state, total)
   return loop.arrays()
+
+
+@jax.jit
+def _stack(ring: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  """The ring's metrics as one array per name (one device program, then one transfer per name)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *ring)
 
 
 class _Loop:
@@ -109,6 +116,9 @@ class _Loop:
   def arrays(self) -> TrainState:
     return self._rest._replace(params=self.params, opt_state=self.opt_state)
 
+  def restart_clock(self) -> None:
+    self._clock = time.perf_counter()
+
   def dispatch(self, host_batch: dict[str, Any]) -> None:
     with between_fetches():
       batch = self.ctx.layout.put_batch(host_batch)
@@ -125,8 +135,7 @@ class _Loop:
     """Brings the ring to the host: loss sums, tokens, logs; raises ``TrainingError`` on a non-finite step."""
     ctx, state = self.ctx, self.state
     ctx.watchdog.beat()
-    stacked = {k: jnp.stack([m[k] for m in self.ring]) for k in self.ring[0]}
-    host, first_bad = fetch((stacked, self.carry.first_bad))
+    host, first_bad = fetch((_stack(self.ring), self.carry.first_bad))
     n = len(self.ring)
     first = state.step - n  # the task step of the ring's first entry
     if int(first_bad) >= 0:
@@ -159,7 +168,7 @@ class _Loop:
         f"non-finite loss ({float(host['loss'][i])}), gradient norm ({float(host['grad_norm'][i])}) or update "
         f"norm ({float(host['update_norm'][i])}) at step {task_step + 1} of task {state.stage + 1} "
         f"({ctx.stage_name(state.stage)}), global step {global_step}; the run stopped and nothing was saved after "
-        f"it: {ctx.checkpoints.describe().replace('the last checkpoint', 'the last good checkpoint')}. Lower "
+        f"it: {ctx.checkpoints.describe('the last good checkpoint')}. Lower "
         "optimizer.lr, set optimizer.clip_norm, or try training.bf16_compute: false; then rerun with --resume")
 
   @contextlib.contextmanager
