@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clsvd_jax import models
 from clsvd_jax._src import tree_paths
 
 # O-LoRA's targets: the query and value projections (T5's cross-attention included, as PEFT's "q", "v" match it).
@@ -248,7 +249,5 @@ def export_merged(model: Any, base: Any, adapters: Mapping[str, LoraFactors], sc
                   **save_kwargs: Any) -> list[Path]:
   """Merges the adapters into ``model`` (in place) and writes it with ``clsvd_jax.models.save_pretrained``: a plain
   checkpoint of the family's format that transformers loads without PEFT."""
-  from clsvd_jax import models  # models import nothing from methods; keep the import light for pure uses
-
   models.update_model(model, merge(base, adapters, scale))
   return models.save_pretrained(model, path, **save_kwargs)
