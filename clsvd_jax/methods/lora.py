@@ -18,9 +18,10 @@ the active slot t,
     lambda1 * sum_{i < t} sum_{j,k} |(A_i A_t^T)_{jk}|      (orthogonality of the new rows of A to the old ones)
   + lambda2 * sum (||A_t||_F + ||B_t||_F)                   (per matrix, i.e. per layer of a stack)
 
-which is the authors' code (cmnfriend/O-LoRA, also the TRACE benchmark's O_LoRA.py): absolute entries and plain
-Frobenius norms. The paper's equation writes the orthogonality term with squared entries; ``orthogonality=
-"squared"`` gives that variant. Both reference scripts use lambda1 = 0.5, lambda2 = 0.
+as the reference implementation computes it (read in the TRACE benchmark's ``model/Regular/O_LoRA.py``): absolute
+entries and plain (not squared) Frobenius norms of each adapted module's new A and B. The paper's equation writes
+the orthogonality term with squared entries; ``orthogonality="squared"`` gives that variant. That file defaults to
+lambda1 = 0.5, lambda2 = 0.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class LoraOptions:
     targets: regexes over parameter paths (``clsvd_jax.flatten_with_paths`` form) of the adapted matrices.
     lambda1: weight of O-LoRA's orthogonality penalty.
     lambda2: weight of O-LoRA's norm penalty on the active adapter.
-    orthogonality: ``abs`` (the authors' code) or ``squared`` (the paper's equation).
+    orthogonality: ``abs`` (the reference code) or ``squared`` (the paper's equation).
   """
 
   rank: int = 8
