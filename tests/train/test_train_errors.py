@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import pytest
 from _train_helpers import tiny_config_dict
 
@@ -108,9 +109,9 @@ def _stopped_run(tmp_path, **optimizer):
 def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   # A NaN learning rate at the third step of task 1 makes that step's update non-finite, deterministically on any
   # machine (a huge learning rate overflows at a step that depends on the platform's float behaviour).
-  real_lr = step_lib.learning_rate
-  monkeypatch.setattr(step_lib, "learning_rate",
-                      lambda step, total, cfg: float("nan") if step == 2 else real_lr(step, total, cfg))
+  real_schedule = step_lib.lr_schedule
+  monkeypatch.setattr(step_lib, "lr_schedule",
+                      lambda s: (lambda count: jnp.where(count == 2, jnp.nan, real_schedule(s)(count))))
   d, msg = _stopped_run(tmp_path)
   assert "at step 3 of task 1 (low)" in msg
   last = ckpt_lib.latest_checkpoint(d["run_dir"])
