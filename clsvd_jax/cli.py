@@ -176,6 +176,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   print()
   print(outputs.format_r_table(results, title="R (accuracy %, row = after training that task)"))
   print()
+  options = outputs.format_option_table(results, title="option rate (% of answers that are one of the task's labels)")
+  if options:
+    print(options)
+    print()
   print(outputs.format_summary(results))
   print()
   print(outputs.format_ranks(results))

@@ -90,6 +90,7 @@ class Prepared:
   train_splits: list[EncodedSplit]
   eval_splits: list[EncodedSplit]
   notes: list[str]
+  labels: list[tuple[str, ...] | None] = dataclasses.field(default_factory=list)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -121,7 +122,7 @@ def prepare(config: RunConfig) -> Prepared:
       if split.truncated_prompts or split.truncated_targets:
         notes.append(split.report())
   return Prepared(config, model, tokenizer, info, kind, [d.task.name for d in datas], train_splits, eval_splits,
-                  notes)
+                  notes, labels=[d.task.labels for d in datas])
 
 
 def _config_hash(config: RunConfig) -> str:
@@ -235,8 +236,10 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   model = p.model
 
   apply_fn, params = model_io.functional(model)
-  policy_counts = step_lib.check_policy(params, config.osft)
-  labels = step_lib.param_policy(config.osft.param_policy).labels(params)
+  run_policy = step_lib.policy_of_run(config)
+  policy_counts = step_lib.check_policy(params, run_policy.policy)
+  policy_record = run_policy.to_dict(params)
+  labels = run_policy.policy.labels(params)
   tx, train_step, raw_step = _optimizer_and_step(config, model, apply_fn, labels, p.kind, method.constrained)
   mesh, repl, host_split = None, None, (0, 1)
   mesh_cfg = config.mesh
@@ -270,7 +273,7 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   state: dict[str, Any] = {"stage": 0, "step": 0, "position": None, "global_step": 0, "phase": "boundary",
                            "R": [], "counts": [], "baseline": None, "baseline_counts": None, "invariant": [],
                            "losses": [], "tokens": 0, "train_seconds": 0.0, "eval_seconds": 0.0,
-                           "config_hash": _config_hash(config)}
+                           "option_rates": [], "baseline_option_rate": None, "config_hash": _config_hash(config)}
   last_ckpt: epath.Path | None = None
   if resume:
     found = ckpt_lib.agreed_latest_checkpoint(run_dir)
@@ -289,6 +292,8 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
       params, opt_state, anchor, rng = (restored["params"], restored["opt_state"], restored["anchor"],
                                         restored["rng"])
       state = meta["run"]
+      state.setdefault("option_rates", [])
+      state.setdefault("baseline_option_rate", None)
       if scheduler is not None:
         scheduler = sched_lib.TaskScheduler.from_dict(config.osft, meta["scheduler"], compute_fn=scheduler.compute_fn)
       last_ckpt = found
@@ -302,11 +307,16 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   eval_kw = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, names=p.names,
                  show_progress=progress)
 
-  def evaluate(params: Any, desc: str) -> tuple[list[float], list[int], list[int]]:
+  def evaluate(params: Any, desc: str, row: str | None) -> tuple[list[float], list[int], list[int], list[Any]]:
+    """Accuracy, correct answers, totals and option rates per task; the predictions go to a file (row None: the
+    model before training)."""
     t0 = time.perf_counter()
-    res = eval_lib.evaluate_all(model, params, p.eval_splits, p.tokenizer, p.info, progress_desc=desc, **eval_kw)
+    res = eval_lib.evaluate_all(model, params, p.eval_splits, p.tokenizer, p.info, progress_desc=desc,
+                                labels=p.labels or None, **eval_kw)
     state["eval_seconds"] += time.perf_counter() - t0
-    return [r.accuracy for r in res], [r.correct for r in res], [r.total for r in res]
+    if main:
+      outputs.write_predictions(run_dir, row, [rec for r in res for rec in r.records()])
+    return [r.accuracy for r in res], [r.correct for r in res], [r.total for r in res], [r.option_rate for r in res]
 
   def save(params: Any, opt_state: Any) -> epath.Path:
     arrays = {"params": params, "opt_state": opt_state, "anchor": anchor, "rng": rng}
@@ -318,8 +328,8 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   counter = [0]  # optimizer steps of this call
   try:
     if state["baseline"] is None and config.eval.initial:
-      acc, correct, total = evaluate(params, "eval initial")
-      state["baseline"], state["baseline_counts"] = acc, correct
+      acc, correct, total, rates = evaluate(params, "eval initial", None)
+      state["baseline"], state["baseline_counts"], state["baseline_option_rate"] = acc, correct, rates
       say("initial accuracy: " + ", ".join(f"{n}={100 * a:.1f}" for n, a in zip(p.names, acc)))
 
     while state["stage"] < len(stages):
@@ -368,8 +378,9 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
         state["phase"] = "eval"
 
       if state["phase"] == "eval":
-        acc, correct, total = evaluate(params, f"eval after {name}")
+        acc, correct, total, rates = evaluate(params, f"eval after {name}", name)
         state["R"].append(acc)
+        state["option_rates"].append(rates)
         state["counts"].append(correct)
         state["totals"] = total
         say(f"after {name}: " + ", ".join(f"{n}={100 * a:.1f}" for n, a in zip(p.names, acc)))
@@ -381,10 +392,13 @@ def run(config: RunConfig, *, resume: bool = False, stop_after_steps: int | None
   finally:
     writer.close()
 
-  results = _results(config, p, state, scheduler, policy_counts)
+  results = _results(config, p, state, scheduler, policy_counts, policy_record)
   if main:
     outputs.write_outputs(results, run_dir)
   say(outputs.format_r_table(results, title=f"[{config.method}] R (accuracy %)"))
+  options = outputs.format_option_table(results, title=f"[{config.method}] option rate (% of answers that are a label)")
+  if options:
+    say(options)
   say(outputs.format_summary(results))
   return results
 
@@ -393,7 +407,7 @@ def restore_params(config: RunConfig, p: Prepared, ckpt: str | os.PathLike[str])
   """The parameters saved in a checkpoint of a run of ``config`` (for ``clsvd eval --checkpoint``)."""
   method = get_method(config.method)
   apply_fn, params = model_io.functional(p.model)
-  labels = step_lib.param_policy(config.osft.param_policy).labels(params)
+  labels = step_lib.policy_of_run(config).policy.labels(params)
   tx, _, _ = _optimizer_and_step(config, p.model, apply_fn, labels, p.kind, method.constrained)
   meta = ckpt_lib.read_meta(ckpt)
   shapes = model_io.constrained_matrices(p.model)
@@ -420,7 +434,7 @@ def _optimizer_and_step(config: RunConfig, model: Any, apply_fn: Any, labels: An
                     "osft": [o.sides, o.project_gradients, o.max_rank_ratio], "labels": cj.flatten_with_paths(labels)},
                    sort_keys=True, default=str)
   if key not in _STEP_CACHE:
-    tx = step_lib.build_optimizer(ocfg, o, constrained=constrained)
+    tx = step_lib.build_optimizer(ocfg, o, constrained=constrained, policy=step_lib.policy_of_run(config).policy)
     trainable = jax.tree.map(lambda a: a != "freeze", labels)
     raw = step_lib.make_train_step(apply_fn, tx, kind=kind, grad_accum=ocfg.grad_accum,
                                    bf16_compute=tcfg.bf16_compute, clip_norm=ocfg.clip_norm, trainable=trainable)
@@ -566,7 +580,7 @@ def _boundary_inputs(config: RunConfig, model: Any, params: Any, p: Prepared, st
 
 
 def _results(config: RunConfig, p: Prepared, state: Mapping[str, Any], scheduler: Any,
-             policy_counts: Mapping[str, int]) -> dict[str, Any]:
+             policy_counts: Mapping[str, int], policy_record: Mapping[str, Any]) -> dict[str, Any]:
   method = get_method(config.method)
   r = state["R"]
   totals = state.get("totals") or [len(s) for s in p.eval_splits]
@@ -588,6 +602,14 @@ def _results(config: RunConfig, p: Prepared, state: Mapping[str, Any], scheduler
     "invariant_max": metrics_lib.invariant_max(state["invariant"], config.osft.sides),
     "scheduler": sched,
     "param_policy_counts": dict(policy_counts),
+    "param_policy": dict(policy_record),
+    "precision": {"load_dtype": config.model.dtype, "param_dtype": np.dtype(model_io.MASTER_DTYPE).name,
+                  "compute_dtype": "bfloat16" if config.training.bf16_compute else "float32"},
+    "option_rate": state.get("option_rates", []),
+    "option_rate_initial": state.get("baseline_option_rate"),
+    "predictions": ([outputs.prediction_file(None)] if state["baseline"] is not None else [])
+                   + [outputs.prediction_file(row) for row in
+                      [_stage_name(p.names, s) for s in method.stages(len(p.names))][:len(r)]],
     "train_loss": state["losses"],
     "global_steps": state["global_step"],
     "train_tokens": state["tokens"],
