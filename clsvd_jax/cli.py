@@ -152,8 +152,9 @@ def _memory_report(target: str, *, accelerator: str | None = None, devices: int 
       model_config = m.path if Path(m.path).is_absolute() else str(Path(cfg.data_dir or ".") / m.path)
     else:
       model_config = {"model_type": m.family, **(m.config or {})}
-    kwargs |= {"dtype": m.dtype, "policy": step_lib.param_policy(cfg.osft.param_policy),
-              "max_rank_ratio": cfg.osft.max_rank_ratio}
+    # Float32 master weights whatever model.dtype reads the checkpoint in (DESIGN 6b); bf16 compute adds a copy.
+    kwargs |= {"dtype": "float32", "compute_dtype": "bfloat16" if cfg.training.bf16_compute else None,
+               "policy": step_lib.policy_of_run(cfg).policy, "max_rank_ratio": cfg.osft.max_rank_ratio}
     if cfg.mesh is not None:
       kwargs["mesh_shape"] = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
   return parallel.format_memory_report(parallel.memory_report(model_config, **kwargs))
