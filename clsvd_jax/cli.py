@@ -108,13 +108,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = str(ckpt)
   res = eval_lib.evaluate_all(p.model, params, p.eval_splits, p.tokenizer, p.info, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, names=p.names,
-                              show_progress=cfg.training.progress)
+                              show_progress=cfg.training.progress, labels=p.labels or None)
   width = max(len(n) for n in p.names) + 2
   print(f"accuracy of {source}:")
   for r in res:
-    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total})")
+    rate = "" if r.option_rate is None else f"  answers in the label set {100 * r.option_rate:5.1f}%"
+    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total}){rate}")
   data = {"source": source, "tasks": p.names, "accuracy": [r.accuracy for r in res],
           "correct": [r.correct for r in res], "total": [r.total for r in res],
+          "option_rate": [r.option_rate for r in res],
           "predictions": {r.task: r.predictions[:20] for r in res}}
   if args.out:
     outputs.write_json(args.out, data)
