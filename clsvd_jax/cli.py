@@ -8,9 +8,10 @@
   clsvd inspect RUN_DIR [--memory CONFIG]                     tables and plots of a finished run
 
 Errors in the config or the data are printed as one clear message (exit status 2). A run that stops on a
-non-finite loss exits with status 3 and names the last good checkpoint; a run whose loss diverged finishes, writes
-its results and exits with status 4; a run the watchdog stopped (no progress for training.watchdog_seconds) exits
-with status 5, and one stopped by SIGTERM with 143, both naming the phase and the last checkpoint.
+non-finite loss exits with status 3 and names the last good checkpoint; a run that diverged (see
+``run_state.divergence``) finishes, writes its results and exits with status 4; a run the watchdog stopped (no
+progress for training.watchdog_seconds) exits with status 5, and one stopped by SIGTERM with 143, both naming the
+phase and the last checkpoint.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
   if distributed.is_main_process():
     print(f"results in {cfg.run_dir}")
   if res["diverged"]:
-    return _error(f"the training loss diverged on {', '.join(res['diverged'])} (mean loss of the last tenth of the "
-                  "task above that of the first tenth and above chance); the results are written, but lower "
-                  "optimizer.lr", EXIT_DIVERGED)
+    return _error(f"training diverged on {', '.join(res['diverged'])} (a step larger than the weights, or a loss "
+                  "that rose over the task to above chance; see the warnings above); the results are written, but "
+                  "lower optimizer.lr", EXIT_DIVERGED)
   return 0
 
 

@@ -172,6 +172,24 @@ def load_newest(run_dir: str | os.PathLike[str], load: Callable[[epath.Path, dic
                         "; ".join(f"{p.name}: {why}" for p, why in skipped))
 
 
+def load_one(path: epath.Path, load: Callable[[epath.Path, dict[str, Any]], T]) -> Loaded:
+  """``load(path, meta)`` of one given checkpoint (no fallback: the caller chose it).
+
+  Raises:
+    CheckpointError: naming the checkpoint, when its meta or arrays cannot be read.
+  """
+  from clsvd_jax.config import ConfigError
+
+  meta = read_meta(path)
+  try:
+    return Loaded(path, load(path, meta), [])
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 - TensorStore and Orbax raise many kinds for a damaged file
+    raise CheckpointError(f"checkpoint {path}: its arrays cannot be read ({_first_line(e)}); give another "
+                          "checkpoint, or the run directory to use its newest usable one") from None
+
+
 def _agreed_readable(run_dir: str | os.PathLike[str]
                      ) -> tuple[list[tuple[epath.Path, dict[str, Any]]], list[tuple[epath.Path, str]]] | None:
   """Complete checkpoints newest first with their metas, and those whose meta is unreadable; None when none exist.
@@ -213,7 +231,9 @@ def _agreed_readable(run_dir: str | os.PathLike[str]
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+  # TensorStore appends a long dump of its spec to the one sentence that matters.
+  first = (text[0] if text else "").split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {first}"[:300]
 
 
 def restore(ckpt: str | os.PathLike[str], target: Any) -> Any:

@@ -113,12 +113,13 @@ class RunContext:
 
   def save(self, state: RunState, arrays: TrainState) -> epath.Path:
     """A checkpoint of the run as it stands."""
-    self.watchdog.beat(f"saving the checkpoint at global step {state.global_step}")
+    phase = self.watchdog.phase
+    self.watchdog.beat(f"saving the checkpoint at global step {state.global_step} ({phase})")
     meta = {"run": state.to_dict(), "scheduler": self.scheduler.to_dict() if self.scheduler is not None else None,
             "anchor_paths": sorted(arrays.anchor) if any(np.ndim(a) for a in arrays.anchor.values()) else [],
             "tasks": self.prepared.names, "method": self.config.method}
     path = self.checkpoints.save(state.global_step, arrays.to_tree(), meta)
-    self.watchdog.beat()
+    self.watchdog.beat(phase)
     return path
 
 

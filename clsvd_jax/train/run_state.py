@@ -44,25 +44,32 @@ class TrainState(NamedTuple):
 
 
 def loss_window(total_steps: int) -> int:
-  """Steps at each end of a task whose mean loss ``LossWindow`` keeps: a tenth of the task, at least one."""
+  """Steps at each end of a task whose mean loss ``TaskStats`` keeps: a tenth of the task, at least one."""
   return max(1, total_steps // 10)
 
 
 @dataclasses.dataclass
-class LossWindow:
-  """Running sums of the loss over the first and the last ``loss_window`` steps of the task in progress.
+class TaskStats:
+  """What the run measures over the task in progress, kept in the checkpoint so a task resumed mid-way reports
+  what an uninterrupted one does.
 
-  The tail mean is the task's reported ``train_loss``; head and tail together tell whether the task diverged
-  (``diverged``). Kept in the checkpoint so a task resumed mid-way reports what an uninterrupted one does.
+  Attributes:
+    head_sum, head_count: the loss summed over the first ``loss_window`` steps of the task, and their number.
+    tail_sum, tail_count: the same over the last ``loss_window`` steps (the tail mean is the task's
+      ``train_loss``).
+    param_norm: the global norm of the parameters at the start of the task.
+    max_update_norm: the largest global norm of one step's update so far.
   """
 
   head_sum: float = 0.0
   head_count: int = 0
   tail_sum: float = 0.0
   tail_count: int = 0
+  param_norm: float = 0.0
+  max_update_norm: float = 0.0
 
-  def add(self, step: int, total_steps: int, loss: float) -> None:
-    """Counts the loss of 0-based optimizer step ``step`` of a task of ``total_steps`` steps."""
+  def add(self, step: int, total_steps: int, loss: float, update_norm: float) -> None:
+    """Counts 0-based optimizer step ``step`` of a task of ``total_steps`` steps."""
     w = loss_window(total_steps)
     if step < w:
       self.head_sum += loss
@@ -70,6 +77,7 @@ class LossWindow:
     if step >= total_steps - w:
       self.tail_sum += loss
       self.tail_count += 1
+    self.max_update_norm = max(self.max_update_norm, update_norm)
 
   @property
   def head(self) -> float | None:
@@ -80,20 +88,30 @@ class LossWindow:
     return self.tail_sum / self.tail_count if self.tail_count else None
 
 
-def diverged(window: LossWindow, vocab_size: int | None) -> bool:
-  """Whether a finished task diverged: its loss went up over the task AND ended worse than a uniform guess.
+def divergence(stats: TaskStats, vocab_size: int | None) -> str | None:
+  """Why a finished task counts as diverged, or None. A task diverged when either
 
-  Precisely: the mean loss of the last tenth of the task's steps is above the mean of the first tenth, and above
-  ``ln(vocab_size)``, the cross entropy of predicting every token of the vocabulary with equal probability. A
-  task that merely learns slowly stays below its starting loss; one that starts high (a new task's labels) and
-  comes down is fine; a task that ends above chance after rising has destroyed what the model knew (e.g. a
-  learning rate far too large with clipping on, which keeps every value finite).
+  1. one optimizer step changed the parameters by more than their whole norm at the start of the task
+     (``max_update_norm > param_norm``): the weights were overwritten, not trained. A sane learning rate moves
+     them by about ``lr`` relative per step (AdamW at 1e-3: 1e-3), so this is orders of magnitude from any
+     real run; a learning rate far too large with clipping on (which keeps every value finite) gets here at
+     its first step; or
+  2. the loss went up over the task and ended worse than a uniform guess: the mean loss of the last tenth of
+     the steps is above the mean of the first tenth and above ``ln(vocab_size)``, the cross entropy of giving
+     every token of the vocabulary the same probability. A task that learns slowly stays below its starting
+     loss; one that starts high (new label words) and comes down is fine.
   """
-  head, tail = window.head, window.tail
+  if stats.param_norm > 0 and stats.max_update_norm > stats.param_norm:
+    return (f"one step moved the parameters by {stats.max_update_norm:.3g}, more than their norm "
+            f"{stats.param_norm:.3g} at the start of the task")
+  head, tail = stats.head, stats.tail
   if head is None or tail is None:
-    return False
+    return None
   chance = math.log(vocab_size) if vocab_size else 0.0
-  return tail > head and tail > chance
+  if tail > head and tail > chance:
+    return (f"the mean loss rose from {head:.3f} (first tenth of the steps) to {tail:.3f} (last tenth), above "
+            f"chance (ln {vocab_size} = {chance:.2f})")
+  return None
 
 
 @dataclasses.dataclass
@@ -116,8 +134,8 @@ class RunState:
     baseline_option_rate: the same for the model before training.
     invariant: per finished stage, ``{path: ratios}`` of the invariant check.
     losses: per finished stage, the mean training loss over its last tenth of steps.
-    loss_window: loss sums of the stage in progress (``LossWindow``).
-    diverged: names of the stages whose loss diverged (``run_state.diverged``).
+    task_stats: what the stage in progress measured so far (``TaskStats``).
+    diverged: names of the stages that diverged (``run_state.divergence``).
     tokens: target tokens trained on (the loss's denominator).
     seen_tokens: input + target tokens trained on (what throughput figures count).
     train_seconds: wall time of the training phases (fetch to fetch, so it includes waiting on the device).
@@ -139,7 +157,7 @@ class RunState:
   baseline_option_rate: list[float | None] | None = None
   invariant: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   losses: list[float | None] = dataclasses.field(default_factory=list)
-  loss_window: LossWindow = dataclasses.field(default_factory=LossWindow)
+  task_stats: TaskStats = dataclasses.field(default_factory=TaskStats)
   diverged: list[str] = dataclasses.field(default_factory=list)
   tokens: float = 0.0
   seen_tokens: float = 0.0
@@ -155,7 +173,7 @@ class RunState:
     self.phase = "boundary"
     self.step = 0
     self.position = None
-    self.loss_window = LossWindow()
+    self.task_stats = TaskStats()
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-serialisable dict that ``from_dict`` reads back to an equal state."""
@@ -174,8 +192,8 @@ class RunState:
     if unknown:
       raise ValueError(f"run state: unknown keys {unknown}")
     kwargs = dict(d)
-    if isinstance(kwargs.get("loss_window"), Mapping):
-      kwargs["loss_window"] = LossWindow(**kwargs["loss_window"])
+    if isinstance(kwargs.get("task_stats"), Mapping):
+      kwargs["task_stats"] = TaskStats(**kwargs["task_stats"])
     if kwargs.get("phase", "boundary") not in PHASES:
       raise ValueError(f"run state: phase {kwargs['phase']!r} is not one of {PHASES}")
     return cls(**kwargs)

@@ -88,6 +88,7 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, sto
         evaluate_initial(ctx, state, arrays)
       while not state.finished(ctx.num_stages):
         if state.phase == "boundary":
+          ctx.watchdog.beat(f"the boundary before {ctx.stage_label(state.stage)}")
           arrays = boundary(ctx, state, arrays)
         if state.phase == "train":
           arrays = train_task(ctx, state, arrays)

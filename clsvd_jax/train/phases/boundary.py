@@ -45,7 +45,6 @@ def boundary(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainState
   """
   si = state.stage
   cfg = ctx.config
-  ctx.watchdog.beat(f"the boundary before {ctx.stage_label(si)}")
   opt_state = arrays.opt_state
   if ctx.scheduler is not None:
     inputs = calibration_inputs(ctx, arrays.params, si)

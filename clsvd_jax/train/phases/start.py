@@ -99,7 +99,7 @@ def restore_params(config: RunConfig, prepared: Prepared, where: str | os.PathLi
 
   path = ckpt_lib.run_path(where)
   if (path / ckpt_lib.META).is_file():
-    return ckpt_lib.Loaded(path, load(path, ckpt_lib.read_meta(path)), [])
+    return ckpt_lib.load_one(path, load)
   loaded = ckpt_lib.load_newest(path, load)
   if loaded is None:
     raise ckpt_lib.CheckpointError(f"--checkpoint {path}: neither a checkpoint folder (with {ckpt_lib.META}) nor a "

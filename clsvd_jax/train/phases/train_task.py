@@ -7,24 +7,26 @@ of ``RunState``, TensorBoard, the progress bar, and the non-finite check. A non-
 does any step after it), so the fetch that finds one raises ``TrainingError`` naming that step and the last
 checkpoint, which no bad step has touched: checkpoints are only written right after a clean fetch.
 
-At the end of the task the mean loss of its last tenth of steps is the task's ``train_loss``; a task whose loss
-rose over the task to above chance is recorded as diverged (``run_state.diverged``) with a warning.
+At the end of the task the mean loss of its last tenth of steps is the task's ``train_loss``; a task that
+diverged (``run_state.divergence``: a step larger than the weights, or a loss that rose to above chance) is
+recorded with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from clsvd_jax.data import BatchIterator, EncodedSplit
+from clsvd_jax.parallel import distributed
 from clsvd_jax.train import step as step_lib
-from clsvd_jax.train.run_state import RunState, TrainState, diverged, loss_window
+from clsvd_jax.train.run_state import RunState, TrainState, divergence
 
 if TYPE_CHECKING:
   from clsvd_jax.train.context import RunContext
@@ -71,6 +73,9 @@ def train_task(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainSta
   si = state.stage
   it = train_iterator(ctx, si, state.position)
   total = steps_for(ctx, it)
+  if state.step == 0:
+    # to_host: the norm of parameters spread over several processes comes back through a collective.
+    state.task_stats.param_norm = float(distributed.to_host(optax.global_norm(arrays.params)))
   loop = _Loop(ctx, state, arrays, total)
   with loop.progress_bar():
     while state.step < total:
@@ -132,7 +137,7 @@ class _Loop:
     global0 = state.global_step - n
     for i in range(n):
       loss = float(host["loss"][i])
-      state.loss_window.add(first + i, self.total, loss)
+      state.task_stats.add(first + i, self.total, loss, float(host["update_norm"][i]))
       ctx.writer.scalar("train/loss", loss, global0 + i + 1)
     seen = float(host["seen"].sum())
     state.tokens += float(host["tokens"].sum())
@@ -174,14 +179,12 @@ class _Loop:
 
 def _finish_task(ctx: RunContext, state: RunState, total: int) -> None:
   """The task's train loss and divergence check; moves the run to its evaluation phase."""
-  window = state.loss_window
-  state.losses.append(window.tail)
-  vocab = getattr(ctx.prepared.model.config, "vocab_size", None)
-  if diverged(window, vocab):
+  del total
+  stats = state.task_stats
+  state.losses.append(stats.tail)
+  why = divergence(stats, getattr(ctx.prepared.model.config, "vocab_size", None))
+  if why is not None:
     name = ctx.stage_name(state.stage)
     state.diverged.append(name)
-    w = loss_window(total)
-    ctx.say(f"warning: task {state.stage + 1} ({name}) diverged: mean loss {window.head:.3f} over its first {w} "
-            f"steps, {window.tail:.3f} over its last {w}, above chance (ln {vocab} = {math.log(vocab):.2f}); lower "
-            "optimizer.lr")
+    ctx.say(f"warning: task {state.stage + 1} ({name}) diverged: {why}; lower optimizer.lr")
   state.phase = "eval"

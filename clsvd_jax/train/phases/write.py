@@ -29,7 +29,7 @@ def write(ctx: RunContext, state: RunState) -> dict[str, Any]:
     ctx.say(options)
   ctx.say(outputs.format_summary(res))
   if res["diverged"]:
-    ctx.say(f"warning: the training loss diverged on {', '.join(res['diverged'])} (see the warnings above)")
+    ctx.say(f"warning: training diverged on {', '.join(res['diverged'])} (see the warnings above)")
   return res
 
 
