@@ -34,6 +34,9 @@ SIDES = ("both", "left", "right", "block")
 class Subspace(NamedTuple):
   """Protected subspace of one matrix or of a stack of matrices with leading batch axes.
 
+  The matrix is the parameter's ``[..., out, in]`` view (``clsvd_jax.MatrixAxes`` says how a parameter stored
+  otherwise, e.g. a Flax ``[in, out]`` kernel, is read), so ``left`` always spans outputs and ``right`` inputs.
+
   Attributes:
     left: ``[..., m, c_left]`` basis of the left (output, dim -2) side, zero-padded columns.
     right: ``[..., n, c_right]`` basis of the right (input, dim -1) side, zero-padded columns.
