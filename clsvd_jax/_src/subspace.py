@@ -371,11 +371,6 @@ def slots_by_path(tree: Any, what: str = "subspaces") -> dict[str, Any]:
   return out
 
 
-def normalize_slots(tree: Any) -> Any:
-  """The same containers with every slot as a plain ``Subspace`` / None / ``MaskedNode`` (no nnx Variables)."""
-  return jax.tree.map(as_slot, tree, is_leaf=is_slot)
-
-
 def _field_of(key_path: tuple[Any, ...]) -> str:
   for key in reversed(key_path):
     name = tree_paths.key_str(key)
