@@ -1,7 +1,10 @@
 """clsvd_jax: continual full fine-tuning of LLMs with orthogonal-complement updates (adaptive SVD / OSFT).
 
 The core is an optax transformation: ``constrained(inner)`` keeps every update of a constrained matrix W in the
-orthogonal complement of its protected subspaces, so ``U^T dW = 0`` and ``dW V = 0`` hold exactly.
+orthogonal complement of its protected subspaces, so ``U^T dW = 0`` and ``dW V = 0`` hold exactly. It runs in
+plain optax loops and inside ``nnx.Optimizer``; ``MatrixAxes`` says which axes of a parameter are its input and
+output (Flax ``[in, out]`` kernels, ``nnx.Einsum`` kernels with more axes). ``scale_by_orthogonal_complement`` is
+another name for ``constrained``.
 """
 
 from clsvd_jax._src import rank_policy
@@ -15,6 +18,7 @@ from clsvd_jax._src.projection import (
     constrained,
     get_subspaces,
     init_subspaces,
+    matrix_shapes,
     orthogonal_projection,
     project_updates,
     scale_by_orthogonal_complement,
@@ -60,6 +64,7 @@ __all__ = [
     "importance_ranks",
     "init_subspaces",
     "map_with_paths",
+    "matrix_shapes",
     "normalize_importance",
     "nnx_matrix_axes",
     "orthogonal_projection",

@@ -89,6 +89,18 @@ def init_subspaces(params: Any, *, mask: MaskOrFn = None, capacity: tuple[int, i
   return tree_paths.map_with_paths(one, params, is_leaf=_is_param_leaf)
 
 
+def matrix_shapes(params: Any, *, mask: MaskOrFn = None, axes: matrix_axes.AxesSpec = None
+                  ) -> dict[str, tuple[int, ...]]:
+  """``{path: (*batch, m, n)}``: the ``[..., out, in]`` shape of every parameter ``init_subspaces`` selects.
+
+  The shapes the rank policies take (``importance_ranks``, ``schedule_ranks``, ``energy_ranks``), for parameters
+  in any layout (e.g. ``nnx.Einsum`` kernels with ``axes=clsvd_jax.nnx_matrix_axes(model)``).
+  """
+  subs = init_subspaces(params, mask=mask, axes=axes, capacity=0)
+  return {path: tuple(s.rank.shape) + s.matrix_shape for path, s in subspace_lib.slots_by_path(subs).items()
+          if isinstance(s, Subspace)}
+
+
 def check_subspaces(params: Any, subspaces: Any, axes: matrix_axes.AxesSpec = None) -> None:
   """Raises a ValueError naming the parameter when ``subspaces`` does not fit ``params``."""
   p_flat = tree_paths.flatten_with_paths(params, is_leaf=_is_masked)

@@ -34,6 +34,9 @@ SIDES = ("both", "left", "right", "block")
 class Subspace(NamedTuple):
   """Protected subspace of one matrix or of a stack of matrices with leading batch axes.
 
+  The matrix is the parameter's ``[..., out, in]`` view (``clsvd_jax.MatrixAxes`` says how a parameter stored
+  otherwise, e.g. a Flax ``[in, out]`` kernel, is read), so ``left`` always spans outputs and ``right`` inputs.
+
   Attributes:
     left: ``[..., m, c_left]`` basis of the left (output, dim -2) side, zero-padded columns.
     right: ``[..., n, c_right]`` basis of the right (input, dim -1) side, zero-padded columns.
@@ -366,11 +369,6 @@ def slots_by_path(tree: Any, what: str = "subspaces") -> dict[str, Any]:
                        "Subspace or None belongs; pass the tree returned by compute_subspaces or get_subspaces")
     out[path] = as_slot(leaf)
   return out
-
-
-def normalize_slots(tree: Any) -> Any:
-  """The same containers with every slot as a plain ``Subspace`` / None / ``MaskedNode`` (no nnx Variables)."""
-  return jax.tree.map(as_slot, tree, is_leaf=is_slot)
 
 
 def _field_of(key_path: tuple[Any, ...]) -> str:

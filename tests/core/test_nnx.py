@@ -236,3 +236,69 @@ def test_axes_mismatch_between_optimizer_and_subspaces_is_reported():
   pattern = r"'kernel' is for a \(6, 4\) \[\.\.\., out, in\] matrix, .* slot for \(4, 6\).*same `axes`"
   with pytest.raises(ValueError, match=pattern):
     cj.set_subspaces(cj.constrained(optax.sgd(1.0)).init(params), subs)
+
+
+def test_bases_do_not_inherit_the_kernels_sharding_metadata():
+  # nnx.Optimizer copies a Variable's metadata (its sharding) onto the state leaves made from it; a basis [m, c]
+  # or a rank scalar sharded like a [in, out] kernel would be wrong, so the bases are plain arrays in the state.
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("a", "b"))
+  with jax.set_mesh(jax.make_mesh((1, 1), ("a", "b"))):
+    model = nnx.Linear(8, 6, kernel_init=init, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, cj.constrained(optax.adam(1e-2)), wrt=nnx.Param)
+  assert opt.opt_state.inner_state[0].mu["kernel"].get_metadata()["out_sharding"] == ("a", "b")  # what flax does
+  sub = opt.opt_state.subspaces["kernel"]
+  assert isinstance(sub, cj.Subspace)
+  for leaf in sub:
+    assert "out_sharding" not in leaf.get_metadata()
+
+
+def test_rank_policies_take_the_matrix_view_of_any_layout():
+  model = Attention(nnx.Rngs(0))
+  axes = cj.nnx_matrix_axes(model)
+  params = nnx.state(model, nnx.Param)
+  shapes = cj.matrix_shapes(params, axes=axes, mask=lambda p: jax.tree.map(lambda x: x.ndim == 3, p))
+  assert shapes == {"q/kernel": (6, 8), "o/kernel": (8, 6)}
+  ranks = cj.schedule_ranks(5, shapes, rate=0.1)  # ratio 0.5 of min(m, n) = 6
+  assert {p: int(k) for p, k in ranks.items()} == {"q/kernel": 3, "o/kernel": 3}
+  subs = cj.compute_subspaces(params, ranks, axes=axes)
+  assert int(subs["q"]["kernel"].rank) == 3 and subs["o"]["kernel"].matrix_shape == (8, 6)
+
+
+def test_a_subspace_stored_as_an_nnx_state_inside_a_variable_is_still_read_and_projected():
+  # The form nnx.update leaves when a whole Subspace sits in one OptVariable (as this library stored it before):
+  # it must not be mistaken for "no subspace" (that would skip the projection silently).
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 4))}
+  sub = cj.compute_subspaces(params, {"w": 2})["w"]
+  stored = nnx.training.optimizer.OptVariable(nnx.State({f: getattr(sub, f) for f in cj.Subspace._fields}))
+  tx = cj.constrained(optax.sgd(1.0))
+  state = tx.init(params)._replace(subspaces={"w": stored})
+  assert int(cj.get_subspaces(state)["w"].rank) == 2
+  g = {"w": jax.random.normal(jax.random.PRNGKey(1), (6, 4))}
+  u, _ = tx.update(g, state, params)
+  np.testing.assert_allclose(np.asarray(u["w"]), -np.asarray(cj.project(g["w"], sub)), atol=1e-6)
+  grown = cj.compute_subspaces(params, {"w": 3}, previous=cj.get_subspaces(state))
+  swapped = cj.set_subspaces(state, grown)
+  assert type(swapped.subspaces["w"]) is type(stored)  # the container is kept
+  assert int(cj.get_subspaces(swapped)["w"].rank) == 3
+
+
+def test_nnx_matrix_axes_reads_linear_general_and_embed():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(11, 6, rngs=rngs)
+      self.proj = nnx.LinearGeneral((2, 3), 5, axis=(-2, -1), rngs=rngs)  # kernel [2, 3, 5]: (2 3) -> 5
+
+  net = Net(nnx.Rngs(0))
+  axes = cj.nnx_matrix_axes(net)
+  assert axes == {"embed/embedding": cj.MatrixAxes(input=-2, output=-1),
+                  "proj/kernel": cj.MatrixAxes(input=(0, 1), output=(2,))}
+  kernel = np.asarray(net.proj.kernel[...])
+  sub = cj.compute_subspaces(nnx.state(net, nnx.Param), {"proj/kernel": 5}, axes=axes)["proj"]["kernel"]
+  # Rank 5 of the 5 x 6 map protects every output: the left basis spans all of R^5, and the kept singular values
+  # are those of the [out, in] matrix built by hand.
+  u = np.asarray(cj.protected_basis(sub, "left"))
+  np.testing.assert_allclose(u.T @ u, np.eye(5), atol=1e-5)
+  v = np.asarray(cj.protected_basis(sub, "right"))[:, :5]
+  matrix = kernel.reshape(6, 5).T
+  np.testing.assert_allclose(np.linalg.svd(u.T @ matrix @ v, compute_uv=False), np.linalg.svd(matrix, compute_uv=False),
+                             rtol=1e-4)
