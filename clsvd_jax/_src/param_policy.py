@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from optax.transforms import _masking
 
 from clsvd_jax._src import tree_paths
 
@@ -87,11 +86,11 @@ class ParamPolicy:
       raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
 
     def one(path: str, p: Any) -> bool:
-      if isinstance(p, _masking.MaskedNode):
+      if isinstance(p, optax.MaskedNode):
         return False
       return self.action(path) == action
 
-    return tree_paths.map_with_paths(one, params, is_leaf=lambda x: isinstance(x, _masking.MaskedNode))
+    return tree_paths.map_with_paths(one, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
   def partition(self, constrain: optax.GradientTransformation,
                 train: optax.GradientTransformation | None = None) -> optax.GradientTransformation:

@@ -44,7 +44,6 @@ def finish_ranks(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, 
   return k.astype(np.int32)
 
 
-_finish = finish_ranks  # old name, still called by clsvd_jax.scheduler
 
 
 def normalize_importance(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -315,7 +315,6 @@ def accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, 
   return sub, unflat(spectrum)
 
 
-_accumulate = accumulate  # old name, still called by clsvd_jax.parallel.boundary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,8 +405,6 @@ def ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
   return by_path
 
 
-_ranks_by_path = ranks_by_path  # old name, still called by clsvd_jax.parallel.boundary
-_resolve_capacity = resolve_capacity  # old name, still called by clsvd_jax.parallel.boundary
 
 
 @jax.jit
