@@ -117,13 +117,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     params, source = loaded.value, str(loaded.path)
   res = eval_lib.evaluate_all(p.model, params, p.eval_splits, p.tokenizer, p.info, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, names=p.names,
-                              show_progress=cfg.training.progress)
+                              show_progress=cfg.training.progress, labels=p.labels or None)
   width = max(len(n) for n in p.names) + 2
   print(f"accuracy of {source}:")
   for r in res:
-    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total})")
+    rate = "" if r.option_rate is None else f"  answers in the label set {100 * r.option_rate:5.1f}%"
+    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total}){rate}")
   data = {"source": source, "tasks": p.names, "accuracy": [r.accuracy for r in res],
           "correct": [r.correct for r in res], "total": [r.total for r in res],
+          "option_rate": [r.option_rate for r in res],
           "predictions": {r.task: r.predictions[:20] for r in res}}
   if args.out:
     outputs.write_json(args.out, data)
@@ -161,8 +163,9 @@ def _memory_report(target: str, *, accelerator: str | None = None, devices: int 
       model_config = m.path if Path(m.path).is_absolute() else str(Path(cfg.data_dir or ".") / m.path)
     else:
       model_config = {"model_type": m.family, **(m.config or {})}
-    kwargs |= {"dtype": m.dtype, "policy": step_lib.param_policy(cfg.osft.param_policy),
-              "max_rank_ratio": cfg.osft.max_rank_ratio}
+    # Float32 master weights whatever model.dtype reads the checkpoint in (DESIGN 6b); bf16 compute adds a copy.
+    kwargs |= {"dtype": "float32", "compute_dtype": "bfloat16" if cfg.training.bf16_compute else None,
+               "policy": step_lib.policy_of_run(cfg).policy, "max_rank_ratio": cfg.osft.max_rank_ratio}
     if cfg.mesh is not None:
       kwargs["mesh_shape"] = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
   return parallel.format_memory_report(parallel.memory_report(model_config, **kwargs))
@@ -185,6 +188,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   print()
   print(outputs.format_r_table(results, title="R (accuracy %, row = after training that task)"))
   print()
+  options = outputs.format_option_table(results, title="option rate (% of answers that are one of the task's labels)")
+  if options:
+    print(options)
+    print()
   print(outputs.format_summary(results))
   print()
   print(outputs.format_ranks(results))

@@ -53,7 +53,10 @@ class ModelConfig:
     config: an inline Hugging Face style config (a tiny model built from scratch with random weights).
     tokenizer: ``byt5`` (the byte-level tokenizer, no files needed) or a tokenizer directory; default the
       checkpoint directory ``path``.
-    dtype: parameter dtype, ``float32`` or ``bfloat16``.
+    dtype: the precision the weights are read in, ``float32`` or ``bfloat16`` (``bfloat16`` rounds every weight
+      to bf16 first: exact for a bf16 checkpoint, the values a bf16 model has). Whatever it is, the model is
+      trained and evaluated with float32 master weights (DESIGN 6b: updating bf16 parameters breaks the
+      orthogonality guarantee, ``||U^T dW|| / ||dW||`` ~0.5); bf16 compute is ``training.bf16_compute``.
     init_seed: seed of the random initialisation of an inline config.
   """
 
@@ -101,17 +104,27 @@ class RankPolicyConfig:
 class ParamPolicyConfig:
   """Regex rules over parameter paths (``clsvd_jax.ParamPolicy``); freeze rules win over train over constrain.
 
+  The policy in force is resolved per run (``clsvd_jax.train.step.run_param_policy``) and written to
+  ``results.json`` (``param_policy``). With ``default: auto``:
+
+  * ``seqft`` and ``mtl`` (methods that constrain nothing) are full fine-tuning: every parameter trains, the
+    ``constrain`` matrices included (only explicit ``freeze`` rules hold parameters still);
+  * ``osft`` on a pretrained checkpoint (``model.path``) constrains the matrices and freezes everything else
+    (embeddings, lm_head, norms, relative-position bias): the paper's setting;
+  * ``osft`` on a model built from ``model.config`` (random weights) constrains the matrices and trains everything
+    else freely: frozen random embeddings and a frozen random head leave a from-scratch model unable to learn.
+
   Attributes:
     constrain: patterns of the matrices that get the orthogonal-complement update (default attention + MLP).
     freeze: patterns of parameters that never change.
     train: patterns of parameters trained freely (unconstrained).
-    default: action for paths no rule matches (``freeze``, ``train`` or ``constrain``).
+    default: action for paths no rule matches: ``auto`` (see above), ``freeze``, ``train`` or ``constrain``.
   """
 
   constrain: list[str] | None = None
   freeze: list[str] = dataclasses.field(default_factory=list)
   train: list[str] = dataclasses.field(default_factory=list)
-  default: Literal["freeze", "train", "constrain"] = "freeze"
+  default: Literal["auto", "freeze", "train", "constrain"] = "auto"
 
 
 @dataclasses.dataclass

@@ -112,7 +112,7 @@ def importance_by_matrix(normalized: Mapping[str, np.ndarray], shapes: Mapping[s
 
 
 def _clip(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] | None, min_trainable: int) -> np.ndarray:
-  return rp._finish(path, k, shape, previous, min_trainable)
+  return rp.finish_ranks(path, k, shape, previous, min_trainable)
 
 
 def incremental_importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape], *, mrr: float,

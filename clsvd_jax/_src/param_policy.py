@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from optax.transforms import _masking
 
 from clsvd_jax._src import tree_paths
 
@@ -54,6 +53,10 @@ class ParamPolicy:
     rules = [(p, FREEZE) for p in freeze] + [(p, TRAIN) for p in train] + [(p, CONSTRAIN) for p in constrain]
     return cls(rules=tuple(rules), default=default)
 
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-friendly form (for results.json): the ordered ``rules`` and the ``default``."""
+    return {"rules": [[pattern, action] for pattern, action in self.rules], "default": self.default}
+
   def action(self, path: str) -> str:
     """The action for one parameter path."""
     for pattern, action in self.rules:
@@ -83,11 +86,11 @@ class ParamPolicy:
       raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
 
     def one(path: str, p: Any) -> bool:
-      if isinstance(p, _masking.MaskedNode):
+      if isinstance(p, optax.MaskedNode):
         return False
       return self.action(path) == action
 
-    return tree_paths.map_with_paths(one, params, is_leaf=lambda x: isinstance(x, _masking.MaskedNode))
+    return tree_paths.map_with_paths(one, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
   def partition(self, constrain: optax.GradientTransformation,
                 train: optax.GradientTransformation | None = None) -> optax.GradientTransformation:

@@ -1,7 +1,7 @@
 """Subspaces at task boundaries, computed where the weights live (DESIGN 10).
 
 ``compute_subspaces`` does one batched SVD per stacked weight ``[L, m, n]``. On a mesh this module runs that same
-computation (``clsvd_jax._src.subspace._accumulate``, so the numbers are the single-device ones) with the layer
+computation (``clsvd_jax._src.subspace.accumulate``, so the numbers are the single-device ones) with the layer
 axis split over EVERY device of the mesh: each device decomposes ``L / num_devices`` whole matrices (the stack is
 zero-padded to a multiple of the device count; a zero matrix with rank 0 yields an empty subspace and is dropped
 again). No device ever holds more than its layers' matrices and their factors. The results come out of the same
@@ -88,7 +88,7 @@ def _spec_entry(axes: tuple[str, ...]) -> Any:
 
 def _layer_sharded(w: jax.Array, k: jax.Array, prev: Subspace, cov: jax.Array | None, *, mesh: Mesh,
                    weight_spec: PartitionSpec, capacity: tuple[int, int], dtype: Any) -> tuple[Subspace, jax.Array]:
-  """``_accumulate`` with the flattened layer axis split over all mesh devices.
+  """``accumulate`` with the flattened layer axis split over all mesh devices.
 
   The weight arrives as ``[N, m, n]`` split on m over the axes ``sm`` and on n over ``sn`` (its own layout). Two
   all-to-alls trade those splits for a split of the layer axis (each device then owns whole matrices), the axes
@@ -139,7 +139,7 @@ def _layer_sharded(w: jax.Array, k: jax.Array, prev: Subspace, cov: jax.Array | 
     left, right = gather(left, cl, axis=2), gather(right, cr, axis=2)
     prev_ = Subspace(take(a2a(left, sm, 0, 1), sn + rest), take(a2a(take(right, sm), sn, 0, 1), rest),
                      take(left_allow, order), take(right_allow, order), take(rank, order))
-    sub, spectrum = subspace_lib._accumulate(w_, take(k_, order), prev_, capacity, dtype, cov_[0] if cov_ else None)
+    sub, spectrum = subspace_lib.accumulate(w_, take(k_, order), prev_, capacity, dtype, cov_[0] if cov_ else None)
     out = Subspace(left=take(a2a(gather(gather(sub.left, rest), sn), sm, 1, 0), cl, axis=2),
                    right=take(gather(a2a(gather(sub.right, rest), sn, 1, 0), sm), cr, axis=2),
                    left_allow=gather(sub.left_allow, order), right_allow=gather(sub.right_allow, order),
@@ -185,7 +185,7 @@ def compute_subspaces_sharded(params: Any, ranks: Any, previous: Any = None, *, 
   Returns:
     The subspace tree (like ``compute_subspaces``), followed by the spectra and / or the memory dict when asked.
   """
-  by_path = subspace_lib._ranks_by_path(params, ranks)
+  by_path = subspace_lib.ranks_by_path(params, ranks)
   p_flat = tree_paths.flatten_with_paths(params)
   prev_flat = {}
   if previous is not None:
@@ -217,7 +217,7 @@ def compute_subspaces_sharded(params: Any, ranks: Any, previous: Any = None, *, 
     if prev is not None:
       cap = prev.capacity
     else:
-      cap = subspace_lib._resolve_capacity(capacity, shape[-2], shape[-1], max_rank_ratio)
+      cap = subspace_lib.resolve_capacity(capacity, shape[-2], shape[-1], max_rank_ratio)
     k_arr = _check_rank(path, shape, k, prev, cap)
     if prev is None:
       prev = subspace_lib.empty_subspace(shape, capacity=cap, dtype=jnp.float32)

@@ -70,6 +70,7 @@ class RunContext:
     shapes: ``{path: shape}`` of the matrices the parameter policy constrains.
     scheduler: the task scheduler (constrained methods; None otherwise). Its records are part of every checkpoint.
     policy_counts: parameters per action of the parameter policy (for results.json).
+    policy: the parameter policy in force, its reason and every parameter's action (``RunPolicy.to_dict``).
     main: whether this is process 0 (the one that prints and writes outputs).
     say: prints a progress line (a no-op on other processes or when silent).
     writer: TensorBoard scalars.
@@ -89,6 +90,7 @@ class RunContext:
   shapes: dict[str, tuple[int, ...]]
   scheduler: sched_lib.TaskScheduler | None
   policy_counts: dict[str, int]
+  policy: dict[str, Any]
   main: bool
   say: Callable[[str], None]
   writer: Writer
@@ -157,9 +159,12 @@ def step_key(config: RunConfig, model: Any, labels: Any, layout: layout_lib.Layo
 
 
 def build_optimizer(config: RunConfig, params: Any) -> tuple[optax.GradientTransformation, Any]:
-  """``(tx, labels)``: the run's optimizer and the parameter policy's label of every parameter."""
-  labels = step_lib.param_policy(config.osft.param_policy).labels(params)
-  tx = step_lib.build_optimizer(config.optimizer, config.osft, constrained=get_method(config.method).constrained)
+  """``(tx, labels)``: the run's optimizer and the parameter policy's label of every parameter (the policy of
+  the run's method and start, ``step.policy_of_run``)."""
+  policy = step_lib.policy_of_run(config).policy
+  labels = policy.labels(params)
+  tx = step_lib.build_optimizer(config.optimizer, config.osft, constrained=get_method(config.method).constrained,
+                                policy=policy)
   return tx, labels
 
 
@@ -173,7 +178,8 @@ def build_context(config: RunConfig, prepared: Prepared, *, run_dir: epath.Path,
   method = get_method(config.method)
   model = prepared.model
   apply_fn, params = model_io.functional(model)
-  policy_counts = step_lib.check_policy(params, config.osft)
+  run_policy = step_lib.policy_of_run(config)
+  policy_counts = step_lib.check_policy(params, run_policy.policy)
   tx, labels = build_optimizer(config, params)
   tcfg = config.training
   mesh_cfg = config.mesh
@@ -206,7 +212,8 @@ def build_context(config: RunConfig, prepared: Prepared, *, run_dir: epath.Path,
   checkpoints = ckpt_lib.Checkpointer(run_dir, tcfg.keep_checkpoints)
   ctx = RunContext(
       config=config, prepared=prepared, run_dir=run_dir, method=method, stages=stages, tx=tx, step=step,
-      layout=layout, shapes=shapes, scheduler=scheduler, policy_counts=policy_counts, main=main, say=say,
+      layout=layout, shapes=shapes, scheduler=scheduler, policy_counts=policy_counts,
+      policy=run_policy.to_dict(params), main=main, say=say,
       writer=Writer(run_dir, enabled=main), checkpoints=checkpoints,
       watchdog=Watchdog(tcfg.watchdog_seconds, checkpoints.describe), budget=StepBudget(stop_after_steps))
   rng = jax.random.key_data(jax.random.key(tcfg.seed))

@@ -133,6 +133,9 @@ class RunState:
     counts: correct answers per row and task.
     totals: evaluation examples per task.
     baseline, baseline_counts: accuracies / correct answers of the model before training (FWT's baseline).
+    option_rates: per finished stage and task, the share of answers that are one of the task's labels (None for
+      a free-form task).
+    baseline_option_rate: the same for the model before training.
     invariant: per finished stage, ``{path: ratios}`` of the invariant check.
     losses: per finished stage, the mean training loss over its last tenth of steps.
     task_stats: what the stage in progress measured so far (``TaskStats``).
@@ -154,6 +157,8 @@ class RunState:
   totals: list[int] | None = None
   baseline: list[float] | None = None
   baseline_counts: list[int] | None = None
+  option_rates: list[list[float | None]] = dataclasses.field(default_factory=list)
+  baseline_option_rate: list[float | None] | None = None
   invariant: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   losses: list[float | None] = dataclasses.field(default_factory=list)
   task_stats: TaskStats = dataclasses.field(default_factory=TaskStats)

@@ -32,8 +32,9 @@ import numpy as np
 import optax
 
 import clsvd_jax as cj
-from clsvd_jax.config import OptimizerConfig, OsftConfig, ParamPolicyConfig
+from clsvd_jax.config import OptimizerConfig, OsftConfig, ParamPolicyConfig, RunConfig
 from clsvd_jax.data.tasks import DataError
+from clsvd_jax.train.methods import get_method
 
 # Keys of a training batch that enter the loss (the rest are bookkeeping).
 TRAIN_KEYS = {
@@ -43,11 +44,83 @@ TRAIN_KEYS = {
 }
 
 
-def param_policy(cfg: ParamPolicyConfig) -> cj.ParamPolicy:
-  """The ``clsvd_jax.ParamPolicy`` of the config (default: constrain attention + MLP, freeze the rest)."""
+# Why each default of the parameters outside the constrained matrices (recorded in results.json).
+_FULL_FINE_TUNING = ("method {method} constrains nothing: full fine-tuning, every parameter trains (the constrain "
+                     "patterns included)")
+_RANDOM_INIT = ("osft on a model built from model.config (random weights): the matrices are constrained and every "
+                "other parameter (embeddings, lm_head, norms, relative-position bias) trains freely; frozen random "
+                "embeddings and head leave a from-scratch model unable to learn")
+_PRETRAINED = ("osft on a pretrained checkpoint (model.path): the matrices are constrained and every other parameter "
+               "(embeddings, lm_head, norms, relative-position bias) is frozen, the paper's setting")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPolicy:
+  """The parameter policy in force for a run and why (``resolve_param_policy``).
+
+  Attributes:
+    policy: the resolved rules (``default`` is never ``auto``).
+    reason: one sentence: which default applied, or that the config set it.
+  """
+
+  policy: cj.ParamPolicy
+  reason: str
+
+  def to_dict(self, params: Any = None) -> dict[str, Any]:
+    """For results.json: rules, default, reason, and (given ``params``) the action of every parameter path."""
+    out = self.policy.to_dict() | {"reason": self.reason}
+    if params is not None:
+      out["labels"] = cj.flatten_with_paths(self.policy.labels(params))
+    return out
+
+
+def param_policy(cfg: ParamPolicyConfig, *, constrained: bool = True, pretrained: bool = True) -> cj.ParamPolicy:
+  """The ``clsvd_jax.ParamPolicy`` of the config section (see ``ParamPolicyConfig`` for ``default: auto``).
+
+  Args:
+    cfg: the ``osft.param_policy`` section.
+    constrained: whether the method constrains (``osft``); an unconstrained method trains its matrices freely.
+    pretrained: whether the model comes from a checkpoint (else it was built with random weights).
+  """
+  return resolve_param_policy(cfg, constrained=constrained, pretrained=pretrained).policy
+
+
+def policy_of_run(config: RunConfig) -> RunPolicy:
+  """The policy in force for a run: its method (``Method.constrained``) and its model's start (``model.path``:
+  a pretrained checkpoint; ``model.config``: random weights)."""
+  return resolve_param_policy(config.osft.param_policy, constrained=get_method(config.method).constrained,
+                          pretrained=config.model.path is not None, method=config.method)
+
+
+def resolve_param_policy(cfg: ParamPolicyConfig, *, constrained: bool, pretrained: bool,
+                     method: str = "osft") -> RunPolicy:
+  """Resolves ``default: auto`` for a method and a model start (DESIGN 6), with the reason for results.json.
+
+  Args:
+    cfg: the ``osft.param_policy`` section.
+    constrained: whether the method constrains (``Method.constrained``).
+    pretrained: ``model.path`` is set (a checkpoint) rather than ``model.config`` (random weights).
+    method: the method's name, for the reason.
+  """
   constrain = tuple(cfg.constrain) if cfg.constrain is not None else cj.DEFAULT_CONSTRAIN
-  return cj.ParamPolicy.from_config(constrain=constrain, freeze=tuple(cfg.freeze), train=tuple(cfg.train),
-                                    default=cfg.default)
+  freeze, train = tuple(cfg.freeze), tuple(cfg.train)
+  if not constrained:
+    # Nothing is constrained, so the matrices are trained parameters like any other (and counted as such).
+    train, constrain = train + constrain, ()
+  if cfg.default != "auto":
+    # Under a method that constrains nothing, 'constrain' is plain training too.
+    default = "train" if cfg.default == "constrain" and not constrained else cfg.default
+    reason = f"osft.param_policy.default: {cfg.default} (set in the config)"
+  elif not constrained:
+    default, reason = "train", _FULL_FINE_TUNING.format(method=method)
+  elif pretrained:
+    default, reason = "freeze", _PRETRAINED
+  else:
+    default, reason = "train", _RANDOM_INIT
+  if freeze or cfg.train:
+    reason += f"; explicit rules: freeze {list(freeze)}, train {list(cfg.train)}"
+  policy = cj.ParamPolicy.from_config(constrain=constrain, freeze=freeze, train=train, default=default)
+  return RunPolicy(policy, reason)
 
 
 def _adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -55,10 +128,20 @@ def _adamw(cfg: OptimizerConfig) -> optax.GradientTransformation:
   return optax.adamw(1.0, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def build_optimizer(opt: OptimizerConfig, osft: OsftConfig, *, constrained: bool) -> optax.GradientTransformation:
+def build_optimizer(opt: OptimizerConfig, osft: OsftConfig, *, constrained: bool,
+                    policy: cj.ParamPolicy | None = None) -> optax.GradientTransformation:
   """AdamW under the parameter policy: constrained matrices get ``clsvd_jax.constrained(adamw)`` (when the method
-  is constrained; plain AdamW otherwise), ``train`` parameters plain AdamW, frozen ones a zero update."""
-  policy = param_policy(osft.param_policy)
+  is constrained; plain AdamW otherwise), ``train`` parameters plain AdamW, frozen ones a zero update.
+
+  Args:
+    opt: the optimizer section.
+    osft: the osft section (projection options; its ``param_policy`` when ``policy`` is not given).
+    constrained: whether the method constrains.
+    policy: the run's resolved policy (``policy_of_run``); default: ``param_policy(osft.param_policy)`` (the
+      labels of a constrained method on a checkpoint; an unconstrained method then trains its matrices with
+      plain AdamW under the same labels).
+  """
+  policy = policy if policy is not None else param_policy(osft.param_policy)
   if constrained:
     matrices = cj.constrained(_adamw(opt), sides=osft.sides, project_gradients=osft.project_gradients,
                               max_rank_ratio=osft.max_rank_ratio)
@@ -67,13 +150,19 @@ def build_optimizer(opt: OptimizerConfig, osft: OsftConfig, *, constrained: bool
   return policy.partition(matrices, train=_adamw(opt))
 
 
-def check_policy(params: Any, osft: OsftConfig) -> dict[str, int]:
+def check_policy(params: Any, policy: cj.ParamPolicy | OsftConfig) -> dict[str, int]:
   """Counts parameters per action and refuses a policy that trains nothing.
+
+  Args:
+    params: the parameters.
+    policy: the run's resolved policy (an ``OsftConfig`` reads its ``param_policy`` with the pretrained default).
 
   Raises:
     DataError: naming the config key, when no parameter is constrained or trained.
   """
-  labels = cj.flatten_with_paths(param_policy(osft.param_policy).labels(params))
+  if isinstance(policy, OsftConfig):
+    policy = param_policy(policy.param_policy)
+  labels = cj.flatten_with_paths(policy.labels(params))
   counts = {a: sum(1 for v in labels.values() if v == a) for a in ("constrain", "freeze", "train")}
   if counts["constrain"] + counts["train"] == 0:
     raise DataError(f"osft.param_policy: no parameter is constrained or trained (paths include "

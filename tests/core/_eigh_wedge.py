@@ -3,6 +3,7 @@
   python tests/core/_eigh_wedge.py vmap      # jax.vmap around the decompositions: stops at 0% CPU on 2 threads
   python tests/core/_eigh_wedge.py map       # jax.lax.map (one matrix per kernel call): finishes
   python tests/core/_eigh_wedge.py library   # clsvd_jax._src.linalg.map_matrices (what the library uses)
+  python tests/core/_eigh_wedge.py MODE 2     # two rounds instead of six (the test)
 
 The program has the shape of one boundary of ``configs/cpu_small.yaml`` (activations basis): per constrained matrix
 of a 2 + 1 layer T5 with d_model 128 and d_ff 256, the top eigenvectors of two projected covariances and two
@@ -70,4 +71,4 @@ def main(mode: str, rounds: int = 6) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "library")
+  main(sys.argv[1] if len(sys.argv) > 1 else "library", int(sys.argv[2]) if len(sys.argv) > 2 else 6)

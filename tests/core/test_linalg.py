@@ -50,12 +50,12 @@ def test_map_matrices_equals_vmap():
 def test_boundary_sized_decompositions_finish_when_two_processes_run_them_at_once():
   # The plain-JAX reproducer of the wedge (``python tests/core/_eigh_wedge.py vmap`` stops at 0% CPU on two
   # threads), run as the library runs it, twice at once on two CPUs: each must finish.
-  procs = [subprocess.Popen([sys.executable, str(WEDGE), "library"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for _ in range(2)]
+  cmd = [sys.executable, str(WEDGE), "library", "2"]
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
   outs = []
   try:
     for p in procs:
-      out, err = p.communicate(timeout=240)
+      out, err = p.communicate(timeout=480)
       outs.append((p.returncode, out, err[-2000:]))
   finally:
     for p in procs:

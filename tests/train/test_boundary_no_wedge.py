@@ -15,7 +15,7 @@ def test_three_protected_boundaries_twice_at_once_finish():
   results = []
   try:
     for p in procs:
-      out, err = p.communicate(timeout=300)
+      out, err = p.communicate(timeout=480)
       results.append((p.returncode, out, err[-2000:]))
   finally:
     for p in procs:

@@ -30,6 +30,7 @@ class Prepared:
   train_splits: list[EncodedSplit]
   eval_splits: list[EncodedSplit]
   notes: list[str]
+  labels: list[tuple[str, ...] | None] = dataclasses.field(default_factory=list)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -63,7 +64,7 @@ def prepare(config: RunConfig) -> Prepared:
       if split.truncated_prompts or split.truncated_targets:
         notes.append(split.report())
   return Prepared(config, model, tokenizer, info, kind, [d.task.name for d in datas], train_splits, eval_splits,
-                  notes)
+                  notes, labels=[d.task.labels for d in datas])
 
 
 def check_model_path(config: RunConfig, base_dir: str | None) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from clsvd_jax.train import metrics as metrics_lib
 from clsvd_jax.train import model_io, outputs
 from clsvd_jax.train.run_state import RunState
@@ -21,6 +23,10 @@ def write(ctx: RunContext, state: RunState) -> dict[str, Any]:
   if ctx.main:
     outputs.write_outputs(res, ctx.run_dir)
   ctx.say(outputs.format_r_table(res, title=f"[{ctx.config.method}] R (accuracy %)"))
+  options = outputs.format_option_table(res, title=f"[{ctx.config.method}] option rate (% of answers that are a "
+                                                   "label)")
+  if options:
+    ctx.say(options)
   ctx.say(outputs.format_summary(res))
   if res["diverged"]:
     ctx.say(f"warning: training diverged on {', '.join(res['diverged'])} (see the warnings above)")
@@ -49,6 +55,13 @@ def results(ctx: RunContext, state: RunState) -> dict[str, Any]:
     "invariant_max": metrics_lib.invariant_max(state.invariant, config.osft.sides),
     "scheduler": sched,
     "param_policy_counts": dict(ctx.policy_counts),
+    "param_policy": dict(ctx.policy),
+    "precision": {"load_dtype": config.model.dtype, "param_dtype": np.dtype(model_io.MASTER_DTYPE).name,
+                  "compute_dtype": "bfloat16" if config.training.bf16_compute else "float32"},
+    "option_rate": state.option_rates,
+    "option_rate_initial": state.baseline_option_rate,
+    "predictions": ([outputs.prediction_file(None)] if state.baseline is not None else [])
+                   + [outputs.prediction_file(ctx.stage_name(si)) for si in range(len(r))],
     "train_loss": state.losses,
     "diverged": state.diverged,
     "global_steps": state.global_step,
