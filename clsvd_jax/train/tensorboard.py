@@ -20,19 +20,28 @@ log = logging.getLogger("clsvd_jax.train")
 
 
 class Writer:
-  """Scalars to ``<run_dir>/tensorboard``; a no-op when not ``enabled`` (processes other than 0)."""
+  """Scalars to ``<run_dir>/tensorboard``; a no-op when not ``enabled`` (processes other than 0).
+
+  The event file is opened at the first scalar, so a run that stops before training (a resume refused, a bad
+  checkpoint) leaves no empty log behind.
+  """
 
   def __init__(self, run_dir: epath.Path, enabled: bool = True):
+    self._run_dir = run_dir
+    self._enabled = enabled
     self._w = None
     self._local: Path | None = None
     self._remote: epath.Path | None = None
-    if not enabled:
+
+  def _open(self) -> None:
+    if self._w is not None or not self._enabled:
       return
     try:
       from tensorboardX import SummaryWriter
     except ImportError:  # pragma: no cover - tensorboardX is a dependency
+      self._enabled = False
       return
-    logdir = run_dir / "tensorboard"
+    logdir = self._run_dir / "tensorboard"
     if outputs.is_local(logdir):
       self._w = SummaryWriter(str(logdir))
     else:
@@ -41,6 +50,7 @@ class Writer:
       self._w = SummaryWriter(str(self._local))
 
   def scalar(self, tag: str, value: float, step: int) -> None:
+    self._open()
     if self._w is not None:
       self._w.add_scalar(tag, float(value), step)
 
