@@ -4,7 +4,7 @@
                                                               run a task stream (results under run_dir); on several
                                                               hosts run it on each (jax.distributed from the env)
   clsvd eval CONFIG.yaml [--set ...] [--checkpoint DIR]       evaluate a model (or a checkpoint) on every task
-  clsvd demo [--out runs/demo]                                the offline demo: seqft vs osft on a tiny model
+  clsvd demo [--out runs/demo] [--seeds 0,1,2]               the offline demo: seqft vs osft on a tiny model
   clsvd inspect RUN_DIR [--memory CONFIG]                     tables and plots of a finished run
 
 Errors in the config or the data are printed as one clear message (exit status 2). A run that stops on a
@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
   d = sub.add_parser("demo", help="the offline demo: a tiny model, a generated task stream, seqft vs osft")
   d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
   d.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default: the demo's)")
+  d.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the model init and data order (default "
+                                                  "0,1,2: the figures are their mean and spread)")
   d.add_argument("--quiet", action="store_true", help="no progress bars")
 
   i = sub.add_parser("inspect", help="tables and plots of a finished run (or a memory estimate)")
@@ -135,7 +137,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
   from clsvd_jax.train import demo
 
-  demo.run_demo(args.out, steps=args.steps, progress=not args.quiet)
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    return _error(f"demo --seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+  if not seeds:
+    return _error("demo --seeds: give at least one seed, e.g. --seeds 0")
+  demo.run_demo(args.out, seeds=seeds, steps=args.steps, progress=not args.quiet)
   return 0
 
 

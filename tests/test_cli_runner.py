@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -70,12 +71,24 @@ def test_demo_plumbing_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   small["eval"] = {"batch_size": 8, "max_new_tokens": 4}
   small["training"]["batch_size"] = 4
   monkeypatch.setattr(demo, "DEMO_CONFIG", small)
-  assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--quiet"]) == 0
+  assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--quiet", "--seeds", "0,1"]) == 0
   out = capsys.readouterr().out
-  assert "[seqft] R" in out and "[osft] R" in out and "BWT" in out
+  assert "[seqft, mean over seeds 0, 1] R" in out and "[osft, mean over seeds 0, 1] R" in out and "BWT" in out
   summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
   assert set(summary) >= {"seqft", "osft", "seconds"}
-  assert (tmp_path / "demo" / "osft" / "protected_ranks.png").is_file()
+  for method in ("seqft", "osft"):
+    runs, mean = summary[method]["runs"], summary[method]["mean"]
+    assert summary[method]["seeds"] == [0, 1] and len(runs) == 2
+    # The printed figures are the mean over the seeds.
+    assert mean["AA"] == pytest.approx(np.mean([r["AA"] for r in runs]))
+    assert np.allclose(mean["R"], np.mean([r["R"] for r in runs], axis=0))
+    assert (tmp_path / "demo" / method / "seed_1" / "results.json").is_file()
+  # A seed is the model's initialisation and the data order.
+  for seed in (0, 1):
+    cfg = json.loads((tmp_path / "demo" / "osft" / f"seed_{seed}" / "results.json").read_text())["config"]
+    assert cfg["model"]["init_seed"] == seed and cfg["training"]["seed"] == seed
+  assert (tmp_path / "demo" / "osft" / "seed_0" / "protected_ranks.png").is_file()
+  assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "a,b"]) == cli.EXIT_BAD_INPUT
   assert (tmp_path / "demo" / "data" / "SYN" / "low" / "train.json").is_file()
 
 
