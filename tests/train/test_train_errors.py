@@ -87,7 +87,8 @@ def test_vocab_too_small_and_missing_tokenizer(tmp_path):
 
 
 def test_policy_that_trains_nothing(tmp_path):
-  d = tiny_config_dict(tmp_path, osft={"param_policy": {"constrain": ["nothing_matches$"]}})
+  # default: freeze, since a model built from model.config trains its other parameters under osft's auto default.
+  d = tiny_config_dict(tmp_path, osft={"param_policy": {"constrain": ["nothing_matches$"], "default": "freeze"}})
   with pytest.raises(DataError, match="osft.param_policy: no parameter is constrained or trained"):
     runner.run(C.from_dict(d), echo=None)
 
