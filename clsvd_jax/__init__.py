@@ -5,6 +5,8 @@ orthogonal complement of its protected subspaces, so ``U^T dW = 0`` and ``dW V =
 """
 
 from clsvd_jax._src import rank_policy
+from clsvd_jax._src.matrix_axes import IN_OUT, OUT_IN, MatrixAxes
+from clsvd_jax._src.nnx_axes import einsum_axes, nnx_matrix_axes
 from clsvd_jax._src.param_policy import DEFAULT_CONSTRAIN, ParamPolicy
 from clsvd_jax._src.projection import (
     ConstrainedState,
@@ -37,6 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CONSTRAIN",
+    "IN_OUT",
+    "OUT_IN",
     "ConstrainedState",
     "OrthogonalProjectionState",
     "ParamPolicy",
@@ -48,13 +52,16 @@ __all__ = [
     "constrained",
     "default_capacity",
     "empty_subspace",
+    "einsum_axes",
     "energy_ranks",
     "flatten_with_paths",
     "get_subspaces",
+    "MatrixAxes",
     "importance_ranks",
     "init_subspaces",
     "map_with_paths",
     "normalize_importance",
+    "nnx_matrix_axes",
     "orthogonal_projection",
     "path_str",
     "project",

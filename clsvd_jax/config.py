@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -206,8 +207,15 @@ class TrainingConfig:
     seed: data order (and anything random in training).
     checkpoint_every: also save a checkpoint every N optimizer steps (0: only at task boundaries).
     keep_checkpoints: complete checkpoints kept on disk (the newest ones).
-    log_every: steps between TensorBoard / progress-bar updates.
+    log_every: steps between fetches of the training metrics from the device (TensorBoard, progress bar, the
+      non-finite check); between them the host never waits for the device. 0: fetch only at checkpoints and at
+      the end of each task.
     progress: show tqdm progress bars.
+    watchdog_seconds: stop the run (naming the phase and the last checkpoint) when a task boundary, an optimizer
+      step (the first one includes compiling it) or a checkpoint save makes no progress for this long; 0 turns
+      the watchdog off. Evaluation is not timed.
+    max_truncated_share: largest share of a split's prompts (or targets) that ``max_length``
+      (``max_target_length``) may cut; above it the run refuses to start. Any cut is reported as a note.
   """
 
   epochs: int = 1
@@ -221,6 +229,8 @@ class TrainingConfig:
   keep_checkpoints: int = 2
   log_every: int = 10
   progress: bool = True
+  watchdog_seconds: float = 3600.0
+  max_truncated_share: float = 0.9
 
 
 @dataclasses.dataclass
@@ -408,6 +418,19 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
   return cls(**kwargs)
 
 
+def _floats(node: Any, where: str) -> list[tuple[str, float]]:
+  """``(key path, value)`` of every float field of a config (nested sections included)."""
+  out = []
+  for f in dataclasses.fields(node):
+    value = getattr(node, f.name)
+    key = f"{where}.{f.name}" if where else f.name
+    if dataclasses.is_dataclass(value):
+      out.extend(_floats(value, key))
+    elif isinstance(value, float):
+      out.append((key, value))
+  return out
+
+
 def _check(config: RunConfig, source: str) -> None:
   """Cross-field checks the types cannot express."""
 
@@ -415,6 +438,10 @@ def _check(config: RunConfig, source: str) -> None:
     raise ConfigError(f"{source}: {key}: {msg}")
 
   from clsvd_jax.train.methods import METHODS  # the registry lives with the runner
+
+  for key, value in _floats(config, ""):
+    if not math.isfinite(value):
+      fail(key, f"must be a finite number, got {value}")
 
   if config.method not in METHODS:
     fail("method", f"unknown method {config.method!r}; registered methods: {', '.join(sorted(METHODS))}")
@@ -457,9 +484,11 @@ def _check(config: RunConfig, source: str) -> None:
                                  f"grad_accum={config.optimizer.grad_accum} (each micro-batch gets an equal share)")
   if config.optimizer.lr <= 0:
     fail("optimizer.lr", f"must be positive, got {config.optimizer.lr}")
-  for key in ("checkpoint_every", "log_every"):
+  for key in ("checkpoint_every", "log_every", "watchdog_seconds"):
     if getattr(config.training, key) < 0:
       fail(f"training.{key}", f"must be >= 0, got {getattr(config.training, key)}")
+  if not 0.0 <= config.training.max_truncated_share <= 1.0:
+    fail("training.max_truncated_share", f"must lie in [0, 1], got {config.training.max_truncated_share}")
   if config.osft.min_trainable < 0:
     fail("osft.min_trainable", f"must be >= 0, got {config.osft.min_trainable}")
   dist = config.distributed
