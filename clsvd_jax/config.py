@@ -51,8 +51,11 @@ class ModelConfig:
     path: a Hugging Face checkpoint directory (config.json + safetensors) for ``clsvd_jax.models.from_pretrained``.
     family: model family of an inline ``config`` (``t5`` or ``llama``); ignored with ``path``.
     config: an inline Hugging Face style config (a tiny model built from scratch with random weights).
-    tokenizer: ``byt5`` (the byte-level tokenizer, no files needed) or a tokenizer directory; default the
-      checkpoint directory ``path``.
+    tokenizer: ``byt5`` (the byte-level tokenizer, no files needed), ``bpe`` (a byte-level BPE learnt from the
+      stream's training prompts and answers, for a model built from ``config``; ``tokenizer_vocab_size``
+      entries, so ``config.vocab_size`` must be at least that) or a tokenizer directory; default the checkpoint
+      directory ``path``.
+    tokenizer_vocab_size: vocabulary size of the ``bpe`` tokenizer.
     dtype: the precision the weights are read in, ``float32`` or ``bfloat16`` (``bfloat16`` rounds every weight
       to bf16 first: exact for a bf16 checkpoint, the values a bf16 model has). Whatever it is, the model is
       trained and evaluated with float32 master weights (DESIGN 6b: updating bf16 parameters breaks the
@@ -64,6 +67,7 @@ class ModelConfig:
   family: Literal["t5", "llama"] = "t5"
   config: dict[str, Any] | None = None
   tokenizer: str | None = None
+  tokenizer_vocab_size: int = 4096
   dtype: Literal["float32", "bfloat16"] = "float32"
   init_seed: int = 0
 

@@ -93,7 +93,8 @@ def test_vocab_too_small_and_missing_tokenizer(tmp_path):
 
 
 def test_policy_that_trains_nothing(tmp_path):
-  d = tiny_config_dict(tmp_path, osft={"param_policy": {"constrain": ["nothing_matches$"]}})
+  # default: freeze, since a model built from model.config trains its other parameters under osft's auto default.
+  d = tiny_config_dict(tmp_path, osft={"param_policy": {"constrain": ["nothing_matches$"], "default": "freeze"}})
   with pytest.raises(DataError, match="osft.param_policy: no parameter is constrained or trained"):
     runner.run(C.from_dict(d), echo=None)
 
@@ -167,6 +168,9 @@ def test_a_diverging_run_finishes_with_a_warning_and_exit_4(tmp_path, capsys):
   # is larger than the weights themselves. (Task 2 starts from wrecked weights: its loss stays wrecked, ~12.)
   d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft", optimizer={"lr": 1e6, "clip_norm": 1.0})
   d["eval"]["initial"] = False
+  # Only the matrices train (seqft's default trains everything): with the embeddings and head also overwritten,
+  # task 2's loss starts as high as it ends, and only the first criterion fires.
+  d["osft"]["param_policy"] = {"default": "freeze"}
   path = tmp_path / "c.yaml"
   path.write_text(yaml.safe_dump(d))
   assert cli.main(["train", str(path)]) == cli.EXIT_DIVERGED

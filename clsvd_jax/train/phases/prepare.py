@@ -41,12 +41,13 @@ def prepare(config: RunConfig) -> Prepared:
   """
   base = config.data_dir
   check_model_path(config, base)
-  tokenizer = model_io.load_tokenizer(config.model, base_dir=base)
+  specs = parse_task_specs(config.tasks)
+  datas = load_tasks(specs, base_dir=base)
+  # The tasks first: a 'bpe' tokenizer learns its vocabulary from their training text.
+  tokenizer = model_io.load_tokenizer(config.model, base_dir=base, tasks=datas)
   model = model_io.build_model(config.model, base_dir=base)
   model_io.check_vocab(model, tokenizer)
   kind = model_io.kind_of(model)
-  specs = parse_task_specs(config.tasks)
-  datas = load_tasks(specs, base_dir=base)
   info = tokenizer_info(tokenizer, kind)
   train_splits, eval_splits, notes = [], [], []
   for data in datas:
