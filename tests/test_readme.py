@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -44,6 +46,7 @@ def test_readme_commands_exist_in_makefile_and_ci():
   assert "make demo" in README.read_text() and "make test" in README.read_text()
 
 
+@pytest.mark.multiprocess
 def test_benchmark_script_runs_on_a_tiny_stack():
   out = subprocess.run(
       [sys.executable, str(README.parent / "benchmarks" / "overhead.py"), "--d", "16", "--layers", "1", "--tokens",

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clsvd_jax._src import linalg
 
@@ -47,6 +48,7 @@ def test_map_matrices_equals_vmap():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_boundary_sized_decompositions_finish_when_two_processes_run_them_at_once():
   # The plain-JAX reproducer of the wedge (``python tests/core/_eigh_wedge.py vmap`` stops at 0% CPU on two
   # threads), run as the library runs it, twice at once on two CPUs: each must finish.

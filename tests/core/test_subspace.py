@@ -180,6 +180,7 @@ def test_previous_for_other_shape_is_an_error():
     sides=st.sampled_from(["both", "left", "right", "block"]),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_property_projection_invariants(m, n, layers, rank_frac, sides, seed):
   k = int(round(rank_frac * min(m, n)))
   key_w, key_g = jax.random.split(jax.random.PRNGKey(seed))

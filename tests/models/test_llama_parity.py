@@ -268,6 +268,7 @@ def test_bad_config(good_path, tmp_path, edit, pattern):
     models.from_pretrained(str(bad))
 
 
+@pytest.mark.multiprocess
 def test_hub_id_offline_names_the_id(tmp_path):
   code = ("from clsvd_jax import models\n"
           "try:\n  models.from_pretrained('no-such-org/no-such-llama')\n"

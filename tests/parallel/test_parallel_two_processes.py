@@ -11,9 +11,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from clsvd_jax import flatten_with_paths
 from clsvd_jax.parallel import checkpoint, distributed, selfcheck
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ROOT = Path(__file__).resolve().parents[2]
 

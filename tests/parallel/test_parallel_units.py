@@ -199,11 +199,13 @@ def test_host_slice_covers_everything_once():
 
 
 def test_host_rows_single_process_is_the_whole_batch():
+  # One process owns every device of the mesh (8 host devices in the suite), so it holds every row.
   m = mesh.make_mesh({"fsdp": -1})
-  sh = rules.batch_shardings(m, np.zeros((4, 3)))
-  assert distributed.host_rows(sh, (4, 3)) == slice(0, 4)
-  batch = distributed.host_local_batch({"x": np.arange(12.0).reshape(4, 3)}, {"x": sh})
-  np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(12.0).reshape(4, 3))
+  rows = 2 * jax.device_count()
+  sh = rules.batch_shardings(m, np.zeros((rows, 3)))
+  assert distributed.host_rows(sh, (rows, 3)) == slice(0, rows)
+  batch = distributed.host_local_batch({"x": np.arange(3.0 * rows).reshape(rows, 3)}, {"x": sh})
+  np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(3.0 * rows).reshape(rows, 3))
 
 
 # ------------------------------------------------------------------------------------------------------- memory

@@ -13,12 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from _train_helpers import tiny_config_dict
 
 from clsvd_jax import config as C
 from clsvd_jax.parallel import distributed
 from clsvd_jax.train import outputs, runner
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ROOT = Path(__file__).resolve().parents[2]
 
