@@ -315,7 +315,7 @@ def _ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
 def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
                       capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0,
                       dtype: Any = jnp.float32, return_singular_values: bool = False,
-                      covariances: Mapping[str, Any] | None = None) -> Any:
+                      covariances: Mapping[str, Any] | None = None, solver: str = "exact") -> Any:
   """Protected subspaces for the selected matrices of ``params``.
 
   The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
@@ -339,6 +339,8 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
       x x^T over calibration inputs of each matrix (x the matrix's input, W of shape [..., m, n] maps x to W x).
       New right directions are the top eigenvectors of the covariance projected onto the complement; new left
       directions those of the output covariance W C W^T. Other paths use the weights (the paper's source).
+    solver: ``exact`` (full SVD / eigh) or ``randomized`` (``clsvd_jax._src.randomized``: randomized subspace
+      iteration for the new directions and QR assembly of the bases, no d x d solve; for large matrices).
 
   Returns:
     A tree shaped like ``params`` with a ``Subspace`` at every selected matrix and None elsewhere (and the
@@ -349,6 +351,8 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
       min(m, n), ranks shrink from ``previous``, ``previous`` does not match ``params``, or a rank does not fit
       the capacity.
   """
+  if solver not in ("exact", "randomized"):
+    raise ValueError(f"solver must be 'exact' or 'randomized', got {solver!r}")
   by_path = _ranks_by_path(params, ranks)
   prev_by_path = {}
   if previous is not None:
@@ -400,8 +404,13 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     if cov is not None and tuple(np.shape(cov)) != tuple(batch) + (n, n):
       raise ValueError(f"input covariance of {path!r} has shape {tuple(np.shape(cov))}; expected "
                        f"{tuple(batch) + (n, n)} (one n x n matrix per stacked matrix, n = its input size)")
-    sub, svals = _accumulate(jnp.asarray(w), jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
-                             None if cov is None else jnp.asarray(cov))
+    if solver == "randomized":
+      from clsvd_jax._src import randomized  # imports this module
+
+      sub, svals = randomized.accumulate(w, k_arr, prev, dtype, cov)
+    else:
+      sub, svals = _accumulate(jnp.asarray(w), jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
+                               None if cov is None else jnp.asarray(cov))
     singular_values[path] = svals
     return sub
 
