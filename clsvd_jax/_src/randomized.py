@@ -205,14 +205,14 @@ def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace, plan: Plan,
     cov = cov.astype(jnp.float32)
     cc = comp_r(comp_r(0.5 * (cov + cov.T)).T)
     b, evals_r = _psd_top(lambda x: _mm(cc, x), lambda: cc, w.shape[1], plan, key_r)
-    out_op = lambda x: comp_l(_mm(w, _mm(cov, _mm(w.T, comp_l(x)))))
-
-    def out_dense() -> jax.Array:
-      g = _mm(w, _mm(cov, w.T))
-      g = comp_l(comp_l(0.5 * (g + g.T)).T)
-      return 0.5 * (g + g.T)
-
-    a, _ = _psd_top(out_op, out_dense, w.shape[0], plan, key_l)
+    if plan.exact:
+      # The output covariance (I - P_u) W C W^T (I - P_u) is F F^T with F = (I - P_u) W C^(1/2): its top
+      # eigenvectors are F's left singular vectors, found without the m x m eigh (m = 11008 for LLaMA's MLP).
+      evals, vecs = jnp.linalg.eigh(0.5 * (cov + cov.T))
+      a, _, _ = _range_svd(comp_l(_mm(w, vecs * jnp.sqrt(jnp.maximum(evals, 0.0)))), plan, key_l)
+    else:
+      out_op = lambda x: comp_l(_mm(w, _mm(cov, _mm(w.T, comp_l(x)))))
+      a, _ = _psd_top(out_op, None, w.shape[0], plan, key_l)
     spectrum = jnp.sqrt(jnp.maximum(evals_r, 0.0))
   a = _orthonormal_complement(left, prev.left_allow, a, count)
   b = _orthonormal_complement(right, prev.right_allow, b, count)
