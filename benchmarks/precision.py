@@ -130,17 +130,23 @@ def make_update(tx: optax.GradientTransformation, mm: Matmul):
   return jax.jit(update)
 
 
+_protected_basis = jax.jit(cj.protected_basis, static_argnums=1)
+
+
 def single_leak(params: dict, subs: dict, x: jax.Array, mm: Matmul) -> float:
+  """``max ||U^T P(G)|| / ||P(G)||`` (and ``||P(G) V|| / ||P(G)||``) over matrices, P at ``mm``, in float64."""
   grads = jax.grad(overhead.loss_fn)(params, x)
   worst = 0.0
   for k, g in grads.items():
     pg = np.asarray(project(g, subs[k], mm), np.float64)
     for side in ("left", "right"):
-      b = np.asarray(cj.protected_basis(subs[k], side), np.float64)
+      b = np.asarray(_protected_basis(subs[k], side), np.float64)
       rank = int(np.asarray(subs[k].rank).reshape(-1)[0])
       b = b[..., :rank]
       inside = np.einsum("lmk,lmn->lkn", b, pg) if side == "left" else np.einsum("lmn,lnk->lmk", pg, b)
       ratio = np.linalg.norm(inside, axis=(-2, -1)) / np.linalg.norm(pg, axis=(-2, -1))
+      if not np.all(np.isfinite(ratio)):
+        raise FloatingPointError(f"non-finite projected gradient of {k!r}: the benchmark's model diverged")
       worst = max(worst, float(ratio.max()))
   return worst
 
