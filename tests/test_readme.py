@@ -31,6 +31,16 @@ def test_readme_commands_exist_in_makefile_and_ci():
   assert "make demo" in README.read_text() and "make test" in README.read_text()
 
 
+def test_benchmark_script_runs_on_a_tiny_stack():
+  out = subprocess.run(
+      [sys.executable, str(README.parent / "benchmarks" / "overhead.py"), "--d", "16", "--layers", "1", "--tokens",
+       "64", "--repeats", "1", "--protected", "0.5"],
+      capture_output=True, text=True, check=True, timeout=300)
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(row) >= {"protected", "step_ratio", "state_ratio"}
+  assert row["protected"] == 0.5 and row["step_ratio"] > 0 and 2.0 < row["state_ratio"] < 3.2
+
+
 def test_readme_model_example_runs_on_a_tiny_checkpoint(tmp_path):
   torch = __import__("pytest").importorskip("torch")
   import transformers
