@@ -1,13 +1,17 @@
 """The ``clsvd`` command line.
 
-  clsvd train CONFIG.yaml [--set key=value ...] [--resume]    run a task stream (results under run_dir); on several
+  clsvd train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
+                                                              run a task stream (results under run_dir); on several
                                                               hosts run it on each (jax.distributed from the env)
   clsvd eval CONFIG.yaml [--set ...] [--checkpoint DIR]       evaluate a model (or a checkpoint) on every task
   clsvd demo [--out runs/demo]                                the offline demo: seqft vs osft on a tiny model
   clsvd inspect RUN_DIR [--memory CONFIG]                     tables and plots of a finished run
 
-Errors in the config or the data are printed as one clear message (exit status 2); a run that stops on a
-non-finite loss exits with status 3 and names the last good checkpoint.
+Errors in the config or the data are printed as one clear message (exit status 2). A run that stops on a
+non-finite loss exits with status 3 and names the last good checkpoint; a run that diverged (see
+``run_state.divergence``) finishes, writes its results and exits with status 4; a run the watchdog stopped (no
+progress for training.watchdog_seconds) exits with status 5, and one stopped by SIGTERM with 143, both naming the
+phase and the last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING = 3
+EXIT_DIVERGED = 4
+EXIT_STALLED = 5  # = watchdog.EXIT_STALLED, also the status of a process the watchdog has to end
+EXIT_SIGTERM = 128 + 15
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set training.seed=3 (repeatable; values are YAML)")
   t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+  t.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start again (without it, "
+                                                          "a run_dir with files is refused)")
   t.add_argument("--run-dir", help="output folder (overrides run_dir of the config)")
 
   e = sub.add_parser("eval", help="evaluate a model or a checkpoint on every task of a config")
@@ -83,14 +92,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _error(f"distributed: {e}")
   from clsvd_jax.train import runner
 
-  runner.run(cfg, resume=args.resume)
+  res = runner.run(cfg, resume=args.resume, overwrite=args.overwrite)
   if distributed.is_main_process():
     print(f"results in {cfg.run_dir}")
+  if res["diverged"]:
+    return _error(f"training diverged on {', '.join(res['diverged'])} (a step larger than the weights, or a loss "
+                  "that rose over the task to above chance; see the warnings above); the results are written, but "
+                  "lower optimizer.lr", EXIT_DIVERGED)
   return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-  from clsvd_jax.train import checkpoint as ckpt_lib
   from clsvd_jax.train import evaluate as eval_lib
   from clsvd_jax.train import model_io, outputs, runner
 
@@ -99,22 +111,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
   _, params = model_io.functional(p.model)
   source = "the model of the config"
   if args.checkpoint:
-    path = outputs.run_path(args.checkpoint)
-    ckpt = path if (path / ckpt_lib.META).is_file() else ckpt_lib.latest_checkpoint(path)
-    if ckpt is None:
-      return _error(f"--checkpoint {path}: neither a checkpoint folder (with {ckpt_lib.META}) nor a run directory "
-                    "holding one")
-    params = runner.restore_params(cfg, p, ckpt)
-    source = str(ckpt)
+    loaded = runner.restore_params(cfg, p, args.checkpoint)
+    for note in loaded.notes():
+      print(f"note: {note}")
+    params, source = loaded.value, str(loaded.path)
   res = eval_lib.evaluate_all(p.model, params, p.eval_splits, p.tokenizer, p.info, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, names=p.names,
-                              show_progress=cfg.training.progress)
+                              show_progress=cfg.training.progress, labels=p.labels or None)
   width = max(len(n) for n in p.names) + 2
   print(f"accuracy of {source}:")
   for r in res:
-    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total})")
+    rate = "" if r.option_rate is None else f"  answers in the label set {100 * r.option_rate:5.1f}%"
+    print(f"  {r.task.ljust(width)} {100 * r.accuracy:6.1f}%  ({r.correct}/{r.total}){rate}")
   data = {"source": source, "tasks": p.names, "accuracy": [r.accuracy for r in res],
           "correct": [r.correct for r in res], "total": [r.total for r in res],
+          "option_rate": [r.option_rate for r in res],
           "predictions": {r.task: r.predictions[:20] for r in res}}
   if args.out:
     outputs.write_json(args.out, data)
@@ -152,8 +163,9 @@ def _memory_report(target: str, *, accelerator: str | None = None, devices: int 
       model_config = m.path if Path(m.path).is_absolute() else str(Path(cfg.data_dir or ".") / m.path)
     else:
       model_config = {"model_type": m.family, **(m.config or {})}
-    kwargs |= {"dtype": m.dtype, "policy": step_lib.param_policy(cfg.osft.param_policy),
-              "max_rank_ratio": cfg.osft.max_rank_ratio}
+    # Float32 master weights whatever model.dtype reads the checkpoint in (DESIGN 6b); bf16 compute adds a copy.
+    kwargs |= {"dtype": "float32", "compute_dtype": "bfloat16" if cfg.training.bf16_compute else None,
+               "policy": step_lib.policy_of_run(cfg).policy, "max_rank_ratio": cfg.osft.max_rank_ratio}
     if cfg.mesh is not None:
       kwargs["mesh_shape"] = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
   return parallel.format_memory_report(parallel.memory_report(model_config, **kwargs))
@@ -176,6 +188,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   print()
   print(outputs.format_r_table(results, title="R (accuracy %, row = after training that task)"))
   print()
+  options = outputs.format_option_table(results, title="option rate (% of answers that are one of the task's labels)")
+  if options:
+    print(options)
+    print()
   print(outputs.format_summary(results))
   print()
   print(outputs.format_ranks(results))
@@ -198,17 +214,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from clsvd_jax.config import ConfigError
   from clsvd_jax.data.tasks import DataError
+  from clsvd_jax.train.checkpoint import CheckpointError
   from clsvd_jax.train.outputs import RunPathError
-  from clsvd_jax.train.runner import TrainingError
+  from clsvd_jax.train.runner import RunStalled, RunTerminated, TrainingError
 
   try:
     return COMMANDS[args.command](args)
-  except (ConfigError, DataError, RunPathError) as e:
+  except (ConfigError, DataError, RunPathError, CheckpointError) as e:
     return _error(str(e))
   except FileNotFoundError as e:
     return _error(str(e))
   except TrainingError as e:
     return _error(str(e), EXIT_TRAINING)
+  except RunStalled as e:
+    return _error(f"watchdog: {e}", EXIT_STALLED)
+  except RunTerminated as e:
+    return _error(str(e), EXIT_SIGTERM)
 
 
 if __name__ == "__main__":

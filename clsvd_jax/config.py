@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -52,7 +53,10 @@ class ModelConfig:
     config: an inline Hugging Face style config (a tiny model built from scratch with random weights).
     tokenizer: ``byt5`` (the byte-level tokenizer, no files needed) or a tokenizer directory; default the
       checkpoint directory ``path``.
-    dtype: parameter dtype, ``float32`` or ``bfloat16``.
+    dtype: the precision the weights are read in, ``float32`` or ``bfloat16`` (``bfloat16`` rounds every weight
+      to bf16 first: exact for a bf16 checkpoint, the values a bf16 model has). Whatever it is, the model is
+      trained and evaluated with float32 master weights (DESIGN 6b: updating bf16 parameters breaks the
+      orthogonality guarantee, ``||U^T dW|| / ||dW||`` ~0.5); bf16 compute is ``training.bf16_compute``.
     init_seed: seed of the random initialisation of an inline config.
   """
 
@@ -100,17 +104,27 @@ class RankPolicyConfig:
 class ParamPolicyConfig:
   """Regex rules over parameter paths (``clsvd_jax.ParamPolicy``); freeze rules win over train over constrain.
 
+  The policy in force is resolved per run (``clsvd_jax.train.step.run_param_policy``) and written to
+  ``results.json`` (``param_policy``). With ``default: auto``:
+
+  * ``seqft`` and ``mtl`` (methods that constrain nothing) are full fine-tuning: every parameter trains, the
+    ``constrain`` matrices included (only explicit ``freeze`` rules hold parameters still);
+  * ``osft`` on a pretrained checkpoint (``model.path``) constrains the matrices and freezes everything else
+    (embeddings, lm_head, norms, relative-position bias): the paper's setting;
+  * ``osft`` on a model built from ``model.config`` (random weights) constrains the matrices and trains everything
+    else freely: frozen random embeddings and a frozen random head leave a from-scratch model unable to learn.
+
   Attributes:
     constrain: patterns of the matrices that get the orthogonal-complement update (default attention + MLP).
     freeze: patterns of parameters that never change.
     train: patterns of parameters trained freely (unconstrained).
-    default: action for paths no rule matches (``freeze``, ``train`` or ``constrain``).
+    default: action for paths no rule matches: ``auto`` (see above), ``freeze``, ``train`` or ``constrain``.
   """
 
   constrain: list[str] | None = None
   freeze: list[str] = dataclasses.field(default_factory=list)
   train: list[str] = dataclasses.field(default_factory=list)
-  default: Literal["freeze", "train", "constrain"] = "freeze"
+  default: Literal["auto", "freeze", "train", "constrain"] = "auto"
 
 
 @dataclasses.dataclass
@@ -189,8 +203,15 @@ class TrainingConfig:
     seed: data order (and anything random in training).
     checkpoint_every: also save a checkpoint every N optimizer steps (0: only at task boundaries).
     keep_checkpoints: complete checkpoints kept on disk (the newest ones).
-    log_every: steps between TensorBoard / progress-bar updates.
+    log_every: steps between fetches of the training metrics from the device (TensorBoard, progress bar, the
+      non-finite check); between them the host never waits for the device. 0: fetch only at checkpoints and at
+      the end of each task.
     progress: show tqdm progress bars.
+    watchdog_seconds: stop the run (naming the phase and the last checkpoint) when a task boundary, an optimizer
+      step (the first one includes compiling it) or a checkpoint save makes no progress for this long; 0 turns
+      the watchdog off. Evaluation is not timed.
+    max_truncated_share: largest share of a split's prompts (or targets) that ``max_length``
+      (``max_target_length``) may cut; above it the run refuses to start. Any cut is reported as a note.
   """
 
   epochs: int = 1
@@ -204,6 +225,8 @@ class TrainingConfig:
   keep_checkpoints: int = 2
   log_every: int = 10
   progress: bool = True
+  watchdog_seconds: float = 3600.0
+  max_truncated_share: float = 0.9
 
 
 @dataclasses.dataclass
@@ -391,6 +414,19 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
   return cls(**kwargs)
 
 
+def _floats(node: Any, where: str) -> list[tuple[str, float]]:
+  """``(key path, value)`` of every float field of a config (nested sections included)."""
+  out = []
+  for f in dataclasses.fields(node):
+    value = getattr(node, f.name)
+    key = f"{where}.{f.name}" if where else f.name
+    if dataclasses.is_dataclass(value):
+      out.extend(_floats(value, key))
+    elif isinstance(value, float):
+      out.append((key, value))
+  return out
+
+
 def _check(config: RunConfig, source: str) -> None:
   """Cross-field checks the types cannot express."""
 
@@ -398,6 +434,10 @@ def _check(config: RunConfig, source: str) -> None:
     raise ConfigError(f"{source}: {key}: {msg}")
 
   from clsvd_jax.train.methods import METHODS  # the registry lives with the runner
+
+  for key, value in _floats(config, ""):
+    if not math.isfinite(value):
+      fail(key, f"must be a finite number, got {value}")
 
   if config.method not in METHODS:
     fail("method", f"unknown method {config.method!r}; registered methods: {', '.join(sorted(METHODS))}")
@@ -440,9 +480,11 @@ def _check(config: RunConfig, source: str) -> None:
                                  f"grad_accum={config.optimizer.grad_accum} (each micro-batch gets an equal share)")
   if config.optimizer.lr <= 0:
     fail("optimizer.lr", f"must be positive, got {config.optimizer.lr}")
-  for key in ("checkpoint_every", "log_every"):
+  for key in ("checkpoint_every", "log_every", "watchdog_seconds"):
     if getattr(config.training, key) < 0:
       fail(f"training.{key}", f"must be >= 0, got {getattr(config.training, key)}")
+  if not 0.0 <= config.training.max_truncated_share <= 1.0:
+    fail("training.max_truncated_share", f"must lie in [0, 1], got {config.training.max_truncated_share}")
   if config.osft.min_trainable < 0:
     fail("osft.min_trainable", f"must be >= 0, got {config.osft.min_trainable}")
   dist = config.distributed

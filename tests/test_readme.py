@@ -23,6 +23,19 @@ def test_readme_optimizer_example_runs():
   exec(compile(block, str(README), "exec"), {})
 
 
+def test_readme_nnx_example_trains_three_tasks_with_growing_protection():
+  block = next(b for b in _python_blocks() if "nnx.Optimizer" in b)
+  namespace = {}
+  exec(compile(block, str(README), "exec"), namespace)  # the block asserts the invariant after every task
+  import clsvd_jax as cj
+
+  final = cj.get_subspaces(namespace["opt"].opt_state)
+  assert namespace["task"] == 2
+  assert int(final["l1"]["kernel"].rank) == 12 and int(final["l2"]["kernel"].rank) == 6
+  # The protection is on the model's own kernels, as [out, in] maps of the [in, out] arrays.
+  assert final["l1"]["kernel"].matrix_shape == (32, 16) and final["l2"]["kernel"].matrix_shape == (8, 32)
+
+
 def test_readme_commands_exist_in_makefile_and_ci():
   makefile = (README.parent / "Makefile").read_text()
   ci = (README.parent / ".ci" / "run").read_text()

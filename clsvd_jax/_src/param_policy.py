@@ -54,6 +54,10 @@ class ParamPolicy:
     rules = [(p, FREEZE) for p in freeze] + [(p, TRAIN) for p in train] + [(p, CONSTRAIN) for p in constrain]
     return cls(rules=tuple(rules), default=default)
 
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-friendly form (for results.json): the ordered ``rules`` and the ``default``."""
+    return {"rules": [[pattern, action] for pattern, action in self.rules], "default": self.default}
+
   def action(self, path: str) -> str:
     """The action for one parameter path."""
     for pattern, action in self.rules:

@@ -15,8 +15,20 @@ import numpy as np
 Shape = tuple[int, ...]
 
 
-def _finish(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] | None,
-            min_trainable: int) -> np.ndarray:
+def finish_ranks(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] | None,
+                 min_trainable: int) -> np.ndarray:
+  """Raw ranks ``k`` of one matrix made valid: clipped to ``[0, min(m, n) - min_trainable]``, never below previous.
+
+  Args:
+    path: the parameter's path (for errors).
+    k: ranks, broadcastable to the matrix's batch shape.
+    shape: the matrix's shape ``[..., m, n]``.
+    previous: ``{path: ranks}`` before this task, or None.
+    min_trainable: directions that always stay free.
+
+  Returns:
+    int32 ranks of the batch shape.
+  """
   if len(shape) < 2:
     raise ValueError(f"parameter {path!r} has shape {tuple(shape)}: ranks are only defined for matrices")
   if min_trainable < 0:
@@ -32,11 +44,23 @@ def _finish(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] 
   return k.astype(np.int32)
 
 
+_finish = finish_ranks  # old name, still called by clsvd_jax.scheduler
+
+
 def normalize_importance(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Min-max normalises block importances jointly across all stacks to [0, 1] (constant input -> all 0.5)."""
+  """Min-max normalises block importances jointly across all stacks to [0, 1] (constant input -> all 0.5).
+
+  Raises:
+    ValueError: naming the entries, when an importance is NaN or infinite (one would silently turn every
+      normalised value into NaN and every rank into 0: all protection gone).
+  """
   values = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in raw.values()]) if raw else np.zeros(0)
   if values.size == 0:
     return {}
+  bad = sorted(key for key, v in raw.items() if not np.isfinite(np.asarray(v, np.float64)).all())
+  if bad:
+    raise ValueError(f"block importance is NaN or infinite for {bad[:5]}: the calibration pass produced "
+                     "non-finite hidden states (check the model's outputs on the calibration batches)")
   lo, hi = float(values.min()), float(values.max())
   span = hi - lo
   out = {}
@@ -74,7 +98,7 @@ def importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape],
       raise ValueError(f"no importance for {path!r}; importance covers {sorted(importance)[:5]}")
     r = retention_ratio(importance[path], mrr=mrr, trr=trr)
     k = np.floor(r * min(shape[-2:]) + 1e-9).astype(np.int64)
-    out[path] = _finish(path, k, shape, previous, min_trainable)
+    out[path] = finish_ranks(path, k, shape, previous, min_trainable)
   return out
 
 
@@ -90,7 +114,7 @@ def schedule_ranks(task_index: int, shapes: Mapping[str, Shape], *, rate: float 
   out = {}
   for path, shape in shapes.items():
     k = int(np.floor(ratio * min(shape[-2:]) + 1e-9))
-    out[path] = _finish(path, np.asarray(k), shape, previous, min_trainable)
+    out[path] = finish_ranks(path, np.asarray(k), shape, previous, min_trainable)
   return out
 
 
@@ -127,5 +151,5 @@ def energy_ranks(singular_values: Mapping[str, Any], eps: float, *, shapes: Mapp
   for path, s in singular_values.items():
     s = np.asarray(s)
     shape = tuple(shapes[path]) if shapes is not None else tuple(s.shape) + (s.shape[-1],)
-    out[path] = _finish(path, energy_rank(s, eps), shape, previous, min_trainable)
+    out[path] = finish_ranks(path, energy_rank(s, eps), shape, previous, min_trainable)
   return out

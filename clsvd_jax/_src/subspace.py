@@ -16,14 +16,16 @@ keeps every shape and dtype, and a jitted train step does not recompile.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from clsvd_jax._src import linalg, tree_paths
+from clsvd_jax._src import linalg, matrix_axes, tree_paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SIDES = ("both", "left", "right", "block")
@@ -31,6 +33,9 @@ SIDES = ("both", "left", "right", "block")
 
 class Subspace(NamedTuple):
   """Protected subspace of one matrix or of a stack of matrices with leading batch axes.
+
+  The matrix is the parameter's ``[..., out, in]`` view (``clsvd_jax.MatrixAxes`` says how a parameter stored
+  otherwise, e.g. a Flax ``[in, out]`` kernel, is read), so ``left`` always spans outputs and ``right`` inputs.
 
   Attributes:
     left: ``[..., m, c_left]`` basis of the left (output, dim -2) side, zero-padded columns.
@@ -87,7 +92,7 @@ def empty_subspace(shape: tuple[int, ...], *, capacity: tuple[int, int] | int | 
   if len(shape) < 2:
     raise ValueError(f"a subspace needs a matrix ([..., m, n]); got shape {tuple(shape)}")
   *batch, m, n = shape
-  c_left, c_right = _resolve_capacity(capacity, m, n, max_rank_ratio)
+  c_left, c_right = resolve_capacity(capacity, m, n, max_rank_ratio)
   batch = tuple(batch)
   return Subspace(
       left=jnp.zeros(batch + (m, c_left), dtype),
@@ -98,14 +103,20 @@ def empty_subspace(shape: tuple[int, ...], *, capacity: tuple[int, int] | int | 
   )
 
 
-def _resolve_capacity(capacity: tuple[int, int] | int | None, m: int, n: int,
-                      max_rank_ratio: float = 1.0) -> tuple[int, int]:
+def resolve_capacity(capacity: tuple[int, int] | int | None, m: int, n: int,
+                     max_rank_ratio: float = 1.0) -> tuple[int, int]:
+  """Stored columns (left, right) for an m x n matrix: ``capacity`` (int, pair or None = ``default_capacity``).
+
+  Raises:
+    ValueError: for a capacity that is not a non-negative int or a pair of them.
+  """
   if capacity is None:
     return default_capacity(m, n, max_rank_ratio)
-  if isinstance(capacity, int | np.integer):
-    c_left = c_right = int(capacity)
-  else:
-    c_left, c_right = (int(c) for c in capacity)
+  pair = (capacity, capacity) if isinstance(capacity, int | np.integer) else tuple(np.ravel(capacity).tolist())
+  if len(pair) != 2 or not all(isinstance(c, int | np.integer) and not isinstance(c, bool) and c >= 0 for c in pair):
+    raise ValueError(f"capacity must be a non-negative int or a pair (left, right) of them (stored columns per side); "
+                     f"got {capacity!r}")
+  c_left, c_right = (int(c) for c in pair)
   # More columns than the side's dimension can never be used.
   return (min(c_left, m), min(c_right, n))
 
@@ -166,10 +177,14 @@ def project(g: jax.Array, s: Subspace, sides: str = "both") -> jax.Array:
   * ``block``: G - UU^T G VV^T; invariant U^T dW V = 0.
 
   The arithmetic runs in float32 (low-precision rounding would leak into the protected span) and the result is
-  cast back to the update's dtype.
+  cast back to the update's dtype. A non-finite entry (NaN / Inf) stays where it is and the other entries are the
+  projection of the finite ones: the sums over a row and a column would otherwise spread it over the whole matrix,
+  so ``optax.zero_nans()`` or ``optax.apply_if_finite`` downstream still see one bad entry, and a rank-0 subspace
+  returns ``g`` exactly.
   """
   dtype = g.dtype
-  g32 = g.astype(jnp.float32)
+  finite = jnp.isfinite(g)
+  g32 = jnp.where(finite, g, 0).astype(jnp.float32)
   s = s._replace(left=s.left.astype(jnp.float32), right=s.right.astype(jnp.float32))
   if sides == "both":
     out = complement_right(s, complement_left(s, g32))
@@ -181,7 +196,7 @@ def project(g: jax.Array, s: Subspace, sides: str = "both") -> jax.Array:
     out = g32 - protected_right(s, protected_left(s, g32))
   else:
     raise ValueError(f"unknown sides={sides!r}; expected one of {SIDES}")
-  return out.astype(dtype)
+  return jnp.where(finite, out.astype(dtype), g)
 
 
 def protected_basis(s: Subspace, side: str = "left") -> jax.Array:
@@ -272,10 +287,18 @@ def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "dtype"))
-def _accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int], dtype: Any,
-                cov: jax.Array | None = None):
+def accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int], dtype: Any,
+               cov: jax.Array | None = None) -> tuple[Subspace, jax.Array]:
+  """Grows the subspaces of a stack of matrices ``w`` ([..., m, n]) to ranks ``k`` ([...]), in one program.
+
+  The computation ``compute_subspaces`` runs per parameter after checking its input (and
+  ``clsvd_jax.parallel.compute_subspaces_sharded`` per layer shard). Returns the new ``Subspace`` (bases in
+  ``dtype``) and the spectrum the new directions came from, ``[..., min(m, n)]`` (``[..., n]`` with ``cov``).
+  """
   batch = w.shape[:-2]
-  flat = lambda x, tail: x.reshape((-1,) + x.shape[len(batch):]) if tail else x.reshape(-1)
+  # The batch size is spelled out: a zero-width basis (capacity 0) has no elements to infer it from.
+  size = math.prod(batch)
+  flat = lambda x, tail: x.reshape((size,) + x.shape[len(batch):]) if tail else x.reshape(size)
   wf = flat(w, True)
   kf = flat(k, False)
   pf = Subspace(flat(prev.left, True), flat(prev.right, True), flat(prev.left_allow, False),
@@ -292,11 +315,82 @@ def _accumulate(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int,
   return sub, unflat(spectrum)
 
 
-def _is_subspace_or_none(x: Any) -> bool:
-  return x is None or isinstance(x, Subspace)
+_accumulate = accumulate  # old name, still called by clsvd_jax.parallel.boundary
 
 
-def _ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------------------
+# Subspace trees in their stored forms.
+#
+# A subspace tree has one slot per parameter: a Subspace, None (unconstrained) or optax.MaskedNode (another
+# optax.partition group owns it). Flax NNX stores slots in other containers: nnx.Optimizer wraps state leaves in
+# OptArray / OptVariable Variables, a Subspace kept inside one Variable comes back from nnx.update as an nnx.State
+# with the five field names, and nnx.state(model) wraps parameters in nnx.Param. These helpers read every form as a
+# plain slot, and write new arrays back into whatever container held the old ones (same structure: a jitted step
+# does not recompile).
+# ---------------------------------------------------------------------------------------------------------------
+
+_FIELDS = frozenset(Subspace._fields)
+
+
+def _is_field_mapping(x: Any) -> bool:
+  return isinstance(x, Mapping) and set(x.keys()) == _FIELDS
+
+
+def is_slot(x: Any) -> bool:
+  """``is_leaf`` for subspace trees: a slot in any of its stored forms."""
+  x = tree_paths.unwrap(x)
+  return x is None or isinstance(x, Subspace | optax.MaskedNode) or _is_field_mapping(x)
+
+
+def as_slot(x: Any) -> Subspace | optax.MaskedNode | None:
+  """A slot in any stored form as a plain ``Subspace`` of arrays, None or ``optax.MaskedNode``."""
+  x = tree_paths.unwrap(x)
+  if x is None or isinstance(x, optax.MaskedNode):
+    return x
+  if isinstance(x, Subspace):
+    return Subspace(*(tree_paths.unwrap(f) for f in x))
+  if _is_field_mapping(x):
+    return Subspace(**{f: tree_paths.unwrap(x[f]) for f in Subspace._fields})
+  raise TypeError(f"not a subspace slot: {type(x).__name__}")
+
+
+def slots_by_path(tree: Any, what: str = "subspaces") -> dict[str, Any]:
+  """``{path: Subspace | None | MaskedNode}`` of a subspace tree in any stored form.
+
+  Raises:
+    ValueError: naming the path, when a leaf is not a slot (e.g. a parameter where a subspace belongs).
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_slot)
+  out = {}
+  for key_path, leaf in leaves:
+    path = tree_paths.path_str(key_path)
+    if not is_slot(leaf):
+      raise ValueError(f"{what} hold a {type(leaf).__name__} of shape {np.shape(leaf)} at {path!r} where a "
+                       "Subspace or None belongs; pass the tree returned by compute_subspaces or get_subspaces")
+    out[path] = as_slot(leaf)
+  return out
+
+
+def _field_of(key_path: tuple[Any, ...]) -> str:
+  for key in reversed(key_path):
+    name = tree_paths.key_str(key)
+    if name in _FIELDS:
+      return name
+  raise ValueError(f"no Subspace field on the path {tree_paths.path_str(key_path)!r}")
+
+
+def refill_slot(stored: Any, new: Subspace) -> Any:
+  """``new``'s arrays in the containers of the stored slot ``stored`` (nnx Variables keep their metadata)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(stored)
+  return jax.tree_util.tree_unflatten(treedef, [getattr(new, _field_of(p)) for p, _ in leaves])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compute_subspaces: input checks around ``accumulate``.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
   """Normalises ``ranks`` (a pytree like params, or a dict keyed by path) to ``{path: rank or None}``."""
   param_paths = tree_paths.flatten_with_paths(params)
   if isinstance(ranks, Mapping) and ranks and all(isinstance(key, str) and "/" in key for key in ranks):
@@ -312,10 +406,38 @@ def _ranks_by_path(params: Any, ranks: Any) -> dict[str, Any]:
   return by_path
 
 
+_ranks_by_path = ranks_by_path  # old name, still called by clsvd_jax.parallel.boundary
+_resolve_capacity = resolve_capacity  # old name, still called by clsvd_jax.parallel.boundary
+
+
+@jax.jit
+def _finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
+
+
+def _all_finite(x: Any) -> bool:
+  return bool(_finite(x))
+
+
+def _check_rank(path: str, k: Any, batch: tuple[int, ...], m: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
+  try:
+    k_arr = np.broadcast_to(np.asarray(k), batch)
+  except ValueError:
+    k_arr = None
+  if k_arr is None or not np.issubdtype(np.asarray(k).dtype, np.integer):
+    raise ValueError(f"rank for {path!r} must be an integer or an integer array of shape {batch} (one per stacked "
+                     f"matrix); got {np.asarray(k)!r}")
+  if (k_arr < 0).any() or (k_arr > min(m, n)).any():
+    raise ValueError(f"rank for {path!r} must lie in [0, min(m, n)] = [0, {min(m, n)}] for shape {shape}; "
+                     f"got {k_arr.tolist()}")
+  return k_arr
+
+
 def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
                       capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0,
                       dtype: Any = jnp.float32, return_singular_values: bool = False,
-                      covariances: Mapping[str, Any] | None = None, solver: str = "exact") -> Any:
+                      covariances: Mapping[str, Any] | None = None,
+                      axes: matrix_axes.AxesSpec = None, solver: str = "exact") -> Any:
   """Protected subspaces for the selected matrices of ``params``.
 
   The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
@@ -323,11 +445,13 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
   the top ``k - k_old`` singular directions of the complement part ``(I - UU^T) W (I - VV^T)``.
 
   Args:
-    params: pytree of parameters.
+    params: pytree of parameters: nested dicts, ``nnx.state(model, nnx.Param)`` or ``nnx.to_pure_dict`` of it.
     ranks: protected counts: a pytree shaped like ``params`` whose leaves are ints / int arrays of the matrix's
       batch shape (e.g. ``[L]`` for a stack of L layers) or None for unconstrained leaves; or a dict
       ``{"path/to/param": rank}`` (paths as ``clsvd_jax.flatten_with_paths`` prints them).
-    previous: the subspace tree of the previous task (as returned by this function or ``get_subspaces``), or None.
+    previous: the subspace tree of the previous task (as returned by this function or ``get_subspaces``, also
+      straight from an ``nnx.Optimizer``'s ``opt_state``), or None. Parameters it has a subspace for and that get
+      no rank keep that subspace.
     capacity: stored columns per side (int or (left, right)); default ``default_capacity(m, n)``. Ignored where
       ``previous`` fixes it, so shapes never change between tasks.
     max_rank_ratio: with the default capacity, the largest rank (as a fraction of min(m, n)) the bases must hold;
@@ -336,36 +460,46 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     return_singular_values: also return ``{path: spectrum}``: singular values of the complement part, or square
       roots of the eigenvalues of the projected input covariance (for energy ranks).
     covariances: basis source ``activations`` (DESIGN 4b) for the paths it names: ``{path: [..., n, n]}`` sums of
-      x x^T over calibration inputs of each matrix (x the matrix's input, W of shape [..., m, n] maps x to W x).
-      New right directions are the top eigenvectors of the covariance projected onto the complement; new left
-      directions those of the output covariance W C W^T. Other paths use the weights (the paper's source).
+      x x^T over calibration inputs of each matrix (x the matrix's input of size n, ``axes`` says which axes of the
+      parameter those are). New right (input) directions are the top eigenvectors of the covariance projected onto
+      the complement; new left (output) directions those of the output covariance W C W^T. Other paths use the
+      weights (the paper's source).
+    axes: which axes of each parameter are its input and output (``clsvd_jax.MatrixAxes``; default: ``[in, out]``
+      for a 2-D Flax ``kernel``, ``[..., out, in]`` otherwise). Give ``constrained`` the same.
     solver: ``exact`` (full SVD / eigh) or ``randomized`` (``clsvd_jax._src.randomized``: randomized subspace
       iteration for the new directions and QR assembly of the bases, no d x d solve; for large matrices).
 
   Returns:
-    A tree shaped like ``params`` with a ``Subspace`` at every selected matrix and None elsewhere (and the
-    singular-value dict when asked).
+    A tree shaped like ``params`` (nnx Variables unwrapped) with a ``Subspace`` of the ``[..., out, in]`` matrix at
+    every selected parameter and None elsewhere (and the singular-value dict when asked).
 
   Raises:
     ValueError: naming the parameter, when a selected leaf is not a matrix, a rank is negative or exceeds
-      min(m, n), ranks shrink from ``previous``, ``previous`` does not match ``params``, or a rank does not fit
-      the capacity.
+      min(m, n), ranks shrink from ``previous``, ``previous`` does not match ``params`` or names parameters it
+      lacks, a weight or covariance holds NaN / Inf, a capacity is negative, or a rank does not fit the capacity.
   """
   if solver not in ("exact", "randomized"):
     raise ValueError(f"solver must be 'exact' or 'randomized', got {solver!r}")
-  by_path = _ranks_by_path(params, ranks)
-  prev_by_path = {}
-  if previous is not None:
-    prev_by_path = tree_paths.flatten_with_paths(previous, is_leaf=_is_subspace_or_none)
+  by_path = ranks_by_path(params, ranks)
+  param_paths = tree_paths.flatten_with_paths(params)
+  matrix_axes.check_axes_paths(axes, param_paths)
+  prev_by_path = {} if previous is None else slots_by_path(previous, "previous")
+  unknown_prev = sorted(p for p, s in prev_by_path.items() if isinstance(s, Subspace) and p not in param_paths)
+  if unknown_prev:
+    raise ValueError(f"previous holds subspaces for parameters that params lack: {unknown_prev[:5]}; pass the "
+                     "same parameter tree the subspaces were computed for")
   singular_values = {}
   covariances = dict(covariances or {})
-  unknown_cov = sorted(set(covariances) - set(by_path))
+  unknown_cov = sorted(set(covariances) - {p for p, k in by_path.items() if k is not None})
   if unknown_cov:
     raise ValueError(f"covariances given for parameters without a rank: {unknown_cov[:5]}")
 
   def one(path: str, w: Any) -> Subspace | None:
+    w = tree_paths.unwrap(w)
     k = by_path.get(path)
     prev = prev_by_path.get(path)
+    if isinstance(prev, optax.MaskedNode):
+      prev = None
     if k is None:
       # No new rank: a previous subspace carries over unchanged (subspaces never shrink).
       return prev
@@ -373,48 +507,47 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     if len(shape) < 2:
       raise ValueError(f"parameter {path!r} has shape {shape}: only matrices ([..., m, n]) can be constrained; "
                        "give it no rank (or change the parameter policy to freeze/train it)")
-    *batch, m, n = shape
-    try:
-      k_arr = np.broadcast_to(np.asarray(k), tuple(batch))
-    except ValueError:
-      k_arr = None
-    if k_arr is None or not np.issubdtype(np.asarray(k).dtype, np.integer):
-      raise ValueError(f"rank for {path!r} must be an integer or an integer array of shape {tuple(batch)} "
-                       f"(one per stacked matrix); got {np.asarray(k)!r}")
-    if (k_arr < 0).any() or (k_arr > min(m, n)).any():
-      raise ValueError(f"rank for {path!r} must lie in [0, min(m, n)] = [0, {min(m, n)}] for shape {shape}; "
-                       f"got {k_arr.tolist()}")
+    lay = matrix_axes.resolve(path, shape, axes)
+    batch, (m, n) = lay.batch_shape, lay.matrix_shape
+    k_arr = _check_rank(path, k, batch, m, n, shape)
     if prev is not None:
-      if tuple(prev.rank.shape) != tuple(batch) or prev.matrix_shape != (m, n):
+      if tuple(prev.rank.shape) != batch or prev.matrix_shape != (m, n):
         raise ValueError(f"previous subspace of {path!r} is for shape {prev.rank.shape + prev.matrix_shape}, but "
-                         f"the parameter has shape {shape}")
+                         f"the parameter has shape {lay.view_shape} as a [..., out, in] matrix (stored {shape})")
       prev_k = np.asarray(prev.rank)
       if (k_arr < prev_k).any():
         raise ValueError(f"ranks for {path!r} shrink from {prev_k.tolist()} to {k_arr.tolist()}: protected "
                          "subspaces only grow between tasks")
       cap = prev.capacity
     else:
-      cap = _resolve_capacity(capacity, m, n, max_rank_ratio)
-      prev = empty_subspace(shape, capacity=cap, dtype=jnp.float32)
+      cap = resolve_capacity(capacity, m, n, max_rank_ratio)
+      prev = empty_subspace(lay.view_shape, capacity=cap, dtype=jnp.float32)
     for side, dim, c in (("left", m, cap[0]), ("right", n, cap[1])):
       if not representable(k_arr, dim, c).all():
         raise ValueError(f"rank {k_arr.tolist()} of {path!r} does not fit the {side} capacity {c} (dimension "
                          f"{dim}): a side stores min(k, dim - k) columns; use capacity >= {dim // 2}")
     cov = covariances.get(path)
-    if cov is not None and tuple(np.shape(cov)) != tuple(batch) + (n, n):
+    if cov is not None and tuple(np.shape(cov)) != batch + (n, n):
       raise ValueError(f"input covariance of {path!r} has shape {tuple(np.shape(cov))}; expected "
-                       f"{tuple(batch) + (n, n)} (one n x n matrix per stacked matrix, n = its input size)")
+                       f"{batch + (n, n)} (one n x n matrix per stacked matrix, n = its input size)")
+    w_mat = matrix_axes.to_matrix(jnp.asarray(w), lay)
+    if not _all_finite(w_mat):
+      raise ValueError(f"parameter {path!r} holds NaN or Inf: its subspace would be meaningless; restore the "
+                       "weights from a checkpoint taken before the loss diverged")
+    if cov is not None and not _all_finite(jnp.asarray(cov)):
+      raise ValueError(f"input covariance of {path!r} holds NaN or Inf: the calibration pass overflowed or saw "
+                       "non-finite activations")
     if solver == "randomized":
       from clsvd_jax._src import randomized  # imports this module
 
-      sub, svals = randomized.accumulate(w, k_arr, prev, dtype, cov)
+      sub, svals = randomized.accumulate(w_mat, k_arr, prev, dtype, cov)
     else:
-      sub, svals = _accumulate(jnp.asarray(w), jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
-                               None if cov is None else jnp.asarray(cov))
+      sub, svals = accumulate(w_mat, jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
+                              None if cov is None else jnp.asarray(cov))
     singular_values[path] = svals
     return sub
 
-  out = tree_paths.map_with_paths(one, params)
+  out = tree_paths.map_with_paths(one, params, is_leaf=tree_paths.is_variable)
   if return_singular_values:
     return out, singular_values
   return out

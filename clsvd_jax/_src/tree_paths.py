@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from flax import nnx
 
 
-def _key_str(key: Any) -> str | None:
+def key_str(key: Any) -> str | None:
+  """One pytree key as text (None for the ``value`` attribute of nnx Variables)."""
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)
   if isinstance(key, jax.tree_util.SequenceKey):
@@ -24,9 +26,21 @@ def _key_str(key: Any) -> str | None:
   return str(key)
 
 
+def is_variable(x: Any) -> bool:
+  """An ``nnx.Variable`` (Param, OptArray, OptVariable, ...): a box around one value."""
+  return isinstance(x, nnx.Variable)
+
+
+def unwrap(x: Any) -> Any:
+  """The value inside (nested) nnx Variables; anything else as it is."""
+  while isinstance(x, nnx.Variable):
+    x = x.get_value()
+  return x
+
+
 def path_str(path: tuple[Any, ...]) -> str:
   """Joins a pytree key path into ``"a/b/c"``."""
-  parts = (_key_str(k) for k in path)
+  parts = (key_str(k) for k in path)
   return "/".join(p for p in parts if p is not None)
 
 

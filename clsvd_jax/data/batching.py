@@ -59,7 +59,7 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
                    "max_length as the buckets")
 
 
-def _rows_for_host(rows: list[int], batch_size: int, process_index: int, process_count: int) -> list[int]:
+def _rows_for_host(rows: list[Any], batch_size: int, process_index: int, process_count: int) -> list[Any]:
   per_host = batch_size // process_count
   return rows[process_index * per_host:(process_index + 1) * per_host]
 
@@ -215,20 +215,29 @@ class BatchIterator:
     """This host's slice of global batch ``step`` of ``epoch``."""
     if not 0 <= step < self.steps_per_epoch:
       raise IndexError(f"step {step} outside the {self.steps_per_epoch} steps of an epoch")
+    return self.collate_global(self.global_examples(epoch, step))
+
+  def global_examples(self, epoch: int, step: int) -> list[EncodedExample | None]:
+    """The rows of global batch ``step`` of ``epoch`` (``None``: a filler row), the same on every host.
+
+    Subclasses that draw rows differently (e.g. mixing in a replay memory) override this and ``steps_per_epoch``.
+    """
     perm = self.permutation(epoch)
     rows = perm[step * self.batch_size:(step + 1) * self.batch_size].tolist()
-    rows += [-1] * (self.batch_size - len(rows))
     ex = self.data.examples
-    real = [ex[r] for r in rows if r >= 0]
+    return [ex[r] for r in rows] + [None] * (self.batch_size - len(rows))
+
+  def collate_global(self, examples: Sequence[EncodedExample | None]) -> dict[str, Any]:
+    """Pads this host's share of a global batch; the bucket follows the longest row of the whole global batch."""
+    real = [e for e in examples if e is not None]
     kind = self.data.kind
     if kind == "decoder":
       length, t_len = pick_bucket(max(e.length for e in real), self.buckets), None
     else:
       length = pick_bucket(max(len(e.prompt_ids) for e in real), self.buckets)
       t_len = pick_bucket(max(len(e.target_ids) for e in real), self.target_buckets)
-    mine = _rows_for_host(rows, self.batch_size, self.process_index, self.process_count)
-    examples = [ex[r] if r >= 0 else None for r in mine]
-    return collate(examples, self.info, kind=kind, train=True, length=length, target_length=t_len, filler=real[0])
+    mine = _rows_for_host(list(examples), self.batch_size, self.process_index, self.process_count)
+    return collate(mine, self.info, kind=kind, train=True, length=length, target_length=t_len, filler=real[0])
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return self

@@ -3,6 +3,11 @@
 Pure arithmetic over shapes and the partition rules (no devices needed), so it answers "does LLaMA-2-7B fit on a
 v5p-64?" from a laptop: ``clsvd inspect --memory CONFIG`` calls ``memory_report`` and prints
 ``format_memory_report``. Activations are not counted (they depend on batch, sequence length and remat).
+
+Training keeps float32 master weights (DESIGN 6b): ``dtype`` is the dtype of the parameters the optimizer updates,
+and a run with bf16 compute (``training.bf16_compute``) holds, inside the step, a bf16 copy of the parameters on
+top of them (``compute_dtype``; counted as ``compute_copy``). A config's ``model.dtype: bfloat16`` saves nothing
+here: it is the precision the checkpoint is read in, and the weights are then cast to float32.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        tie_word_embeddings=False),
+    # LLaMA-3.1 changes the rope scaling, not the shapes.
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=False),
     "t5-base": dict(model_type="t5", vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12,
                     num_layers=12, num_decoder_layers=12, relative_attention_num_buckets=32,
                     feed_forward_proj="relu", tie_word_embeddings=True),
@@ -92,8 +101,19 @@ def load_model_config(model_config: Any) -> dict[str, Any]:
         cfg = json.load(f)
       cfg.setdefault("name", os.path.basename(os.path.dirname(os.path.abspath(path))))
       return cfg
+    preset = _preset_for_folder(text)
+    if preset is not None:
+      # A config's checkpoint folder that is not on this machine: its name says which preset it is.
+      return dict(PRESETS[preset], name=f"{preset} (preset; {text} not found)")
     raise ValueError(f"model config {text!r}: not a preset ({', '.join(PRESETS)}) and no config.json there")
   raise ValueError(f"model config must be a preset name, a path or a dict; got {type(model_config).__name__}")
+
+
+def _preset_for_folder(path: str) -> str | None:
+  """The preset a checkpoint folder's name stands for (``.../Llama-2-7b-hf`` -> ``llama-2-7b``), if any."""
+  name = os.path.basename(os.path.normpath(path)).lower()
+  name = name.removesuffix("-hf")
+  return name if name in PRESETS else None
 
 
 def _field(cfg: Mapping[str, Any], *names: str, default: Any = None) -> Any:
@@ -158,8 +178,12 @@ def model_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
                    "expected llama or t5")
 
 
+def _name(dtype: Any) -> str:
+  return np.dtype(dtype).name if not isinstance(dtype, str) else dtype.lower()
+
+
 def _bytes(dtype: Any) -> int:
-  name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype.lower()
+  name = _name(dtype)
   if name not in _DTYPE_BYTES:
     raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
   return _DTYPE_BYTES[name]
@@ -184,6 +208,7 @@ def spec_tail(spec: Any, ndim: int, dim: int) -> Any:
 
 def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[int] | None = None,
                   dtype: Any = "float32", *, moment_dtype: Any = None, basis_dtype: Any = "float32",
+                  compute_dtype: Any = None,
                   devices: int | None = None, accelerator: str | None = None, policy: ParamPolicy | None = None,
                   max_rank_ratio: float = 1.0, rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
                   axis_map: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -193,9 +218,11 @@ def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[in
     model_config: a preset (``llama-2-7b``, ``t5-large``, ...), a ``config.json`` path / HF checkpoint directory,
       or a config dict.
     mesh_shape: ``{data, fsdp, tensor}`` sizes (-1 = the rest of the devices; default all on fsdp).
-    dtype: parameter (and gradient) dtype.
+    dtype: dtype of the parameters the optimizer updates (the master weights) and of their gradients.
     moment_dtype: dtype of Adam's two moments (default: the parameter dtype, as optax does).
     basis_dtype: dtype of the subspace bases (``compute_subspaces``' default float32).
+    compute_dtype: dtype of the forward and backward pass when it differs from ``dtype`` (``bfloat16`` with
+      ``bf16_compute``): the step then holds a copy of every parameter in it (``per_device["compute_copy"]``).
     devices: number of devices; default from ``accelerator``, else the product of ``mesh_shape``.
     accelerator: e.g. ``v5p-64``: gives the device count and the memory per device to compare with.
     policy: which parameters are constrained / trained (moments) / frozen (default ``ParamPolicy()``: attention and
@@ -205,9 +232,9 @@ def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[in
 
   Returns:
     A dict with ``model``, ``mesh``, ``devices``, ``dtypes``, ``counts`` (elements), ``total_bytes`` (whole
-    state, unsharded), ``per_device`` bytes (``params``, ``grads``, ``moments``, ``bases``, ``total``,
-    ``boundary_svd``: an estimate of the task-boundary decomposition's working set), ``hbm_per_device`` and
-    ``fits`` when the accelerator is known, and ``fallbacks`` (dims left replicated).
+    state, unsharded), ``per_device`` bytes (``params``, ``compute_copy``, ``grads``, ``moments``, ``bases``,
+    ``total``, ``boundary_svd``: an estimate of the task-boundary decomposition's working set), ``compute_dtype``,
+    ``hbm_per_device`` and ``fits`` when the accelerator is known, and ``fallbacks`` (dims left replicated).
   """
   cfg = load_model_config(model_config)
   shapes = model_shapes(cfg)
@@ -223,15 +250,19 @@ def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[in
   sizes = dict(zip(AXES, resolve_mesh_shape(mesh_shape, devices)))
   policy = policy or ParamPolicy()
   p_bytes, m_bytes, b_bytes = _bytes(dtype), _bytes(moment_dtype or dtype), _bytes(basis_dtype)
+  # A compute dtype equal to the parameters' needs no copy.
+  compute = None if compute_dtype is None or _name(compute_dtype) == _name(dtype) else _name(compute_dtype)
+  c_bytes = _bytes(compute) if compute is not None else 0
   notes: list[rules_lib.Fallback] = []
   counts = dict(params=0, trainable=0, constrained=0, basis=0)
-  per = dict(params=0, grads=0, moments=0, bases=0)
+  per = dict(params=0, compute_copy=0, grads=0, moments=0, bases=0)
   boundary = 0
   for path, shape in shapes.items():
     spec = rules_lib.spec_for(path, shape, sizes, rules, axis_map=axis_map, notes=notes)
     n, local = int(np.prod(shape)), _shard_elems(shape, spec, sizes)
     counts["params"] += n
     per["params"] += local * p_bytes
+    per["compute_copy"] += local * c_bytes
     action = policy.action(path)
     if action in (CONSTRAIN, TRAIN):
       counts["trainable"] += n
@@ -257,12 +288,13 @@ def memory_report(model_config: Any, mesh_shape: Mapping[str, int] | Sequence[in
       r = min(rows, cols)
       work = 2 * rows * cols + rows * r + r * cols + rows * rows + cols * cols
       boundary = max(boundary, math.ceil(n_mat / devices) * work * 4)
-  per["total"] = per["params"] + per["grads"] + per["moments"] + per["bases"]
+  per["total"] = per["params"] + per["compute_copy"] + per["grads"] + per["moments"] + per["bases"]
   per["boundary_svd"] = boundary
   report = {
       "model": cfg.get("name", cfg.get("_name_or_path", cfg.get("model_type"))),
       "mesh": sizes, "devices": devices, "accelerator": accelerator,
       "dtypes": {"params": str(dtype), "moments": str(moment_dtype or dtype), "bases": str(basis_dtype)},
+      "compute_dtype": compute or str(dtype),
       "max_rank_ratio": max_rank_ratio, "counts": counts,
       "total_bytes": {"params": counts["params"] * p_bytes, "moments": 2 * counts["trainable"] * m_bytes,
                       "bases": counts["basis"] * b_bytes},
@@ -283,16 +315,20 @@ def format_memory_report(report: Mapping[str, Any]) -> str:
       f"model {report['model']}: {c['params'] / 1e9:.3f} B parameters, {c['constrained'] / 1e9:.3f} B constrained, "
       f"{c['trainable'] / 1e9:.3f} B with moments",
       f"mesh {mesh} on {report['devices']} devices{acc}; dtypes params {dt['params']}, moments {dt['moments']}, "
-      f"bases {dt['bases']} (sized for rank ratio <= {report['max_rank_ratio']})",
-      f"{'per device':<24}{'GiB':>10}",
+      f"bases {dt['bases']}, compute {report.get('compute_dtype', dt['params'])} (bases sized for rank ratio <= "
+      f"{report['max_rank_ratio']})",
+      f"{'per device':<28}{'GiB':>10}",
   ]
-  for key, label in (("params", "parameters"), ("grads", "gradients (in step)"), ("moments", "Adam moments"),
-                     ("bases", "subspace bases"), ("total", "total (no activations)"),
-                     ("boundary_svd", "task boundary SVD (est.)")):
-    lines.append(f"  {label:<22}{per[key] / GiB:>10.3f}")
+  rows = [("params", f"parameters ({dt['params']})")]
+  if per.get("compute_copy"):
+    rows.append(("compute_copy", f"{report['compute_dtype']} copy (in step)"))
+  rows += [("grads", "gradients (in step)"), ("moments", "Adam moments"), ("bases", "subspace bases"),
+           ("total", "total (no activations)"), ("boundary_svd", "task boundary SVD (est.)")]
+  for key, label in rows:
+    lines.append(f"  {label:<26}{per[key] / GiB:>10.3f}")
   if "hbm_per_device" in report:
     verdict = "fits" if report["fits"] else "does NOT fit"
-    lines.append(f"  {'device memory':<22}{report['hbm_per_device'] / GiB:>10.3f}  -> {verdict} (before activations)")
+    lines.append(f"  {'device memory':<26}{report['hbm_per_device'] / GiB:>10.3f}  -> {verdict} (before activations)")
   if report.get("fallbacks"):
     lines.append(f"replicated dims ({len(report['fallbacks'])}): " + "; ".join(report["fallbacks"][:6]))
   return "\n".join(lines)

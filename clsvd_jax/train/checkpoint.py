@@ -6,6 +6,11 @@ bases, the task-start copy of the constrained matrices for the invariant check, 
 ``meta.json`` is written last, so a folder without it is an interrupted save and is ignored. Only the newest
 ``keep`` complete checkpoints are kept.
 
+A checkpoint can still be damaged after the fact (a disk that filled up, a copy cut short): ``load_newest`` tries
+the checkpoints of a run from the newest down and uses the first one whose ``meta.json`` parses and whose arrays
+read back, reporting each one it skipped. With several processes only an unreadable ``meta.json`` is skipped
+(process 0 reads them and every process follows); arrays that fail to read stop the run with the checkpoint named.
+
 Arrays go through ``clsvd_jax.parallel.save_sharded`` / ``restore_sharded``: the state is stored by string paths,
 restored into the layout the target asks for (another mesh works too).
 
@@ -19,10 +24,11 @@ writes the shards and everything else goes through epath's fsspec / gfile backen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 from etils import epath
@@ -66,19 +72,6 @@ def checkpoint_dir(run_dir: str | os.PathLike[str], global_step: int) -> epath.P
   return checkpoint_root(run_dir) / f"{PREFIX}{global_step:08d}"
 
 
-def agreed_latest_checkpoint(run_dir: str | os.PathLike[str]) -> epath.Path | None:
-  """``latest_checkpoint`` as process 0 sees it, on every process (one process: the same thing).
-
-  With several hosts a folder another host is still writing could make them disagree; they resume from one.
-  """
-  if jax.process_count() == 1:
-    return latest_checkpoint(run_dir)
-  distributed.sync("clsvd:before-resume")
-  found = latest_checkpoint(run_dir) if jax.process_index() == 0 else None
-  step = distributed.broadcast_int(-1 if found is None else int(found.name[len(PREFIX):]))
-  return None if step < 0 else checkpoint_dir(run_dir, step)
-
-
 def save(run_dir: str | os.PathLike[str], global_step: int, arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
          keep: int = 2) -> epath.Path:
   """Writes one checkpoint and prunes old ones.
@@ -112,8 +105,135 @@ def save(run_dir: str | os.PathLike[str], global_step: int, arrays: Mapping[str,
   return d
 
 
+class CheckpointError(ValueError):
+  """No usable checkpoint: the message names each one tried and why it was skipped."""
+
+
 def read_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
-  return json.loads((run_path(ckpt) / META).read_text(encoding="utf-8"))
+  """The ``meta.json`` of a checkpoint.
+
+  Raises:
+    CheckpointError: naming the file, when it is missing, truncated or not JSON.
+  """
+  path = run_path(ckpt) / META
+  try:
+    meta = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} is missing (an interrupted save)") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is damaged (truncated or not JSON: {e})") from None
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{path} is damaged (not a JSON object)")
+  return meta
+
+
+T = TypeVar("T")
+_ALL_DAMAGED = -2
+
+
+@dataclasses.dataclass
+class Loaded:
+  """What ``load_newest`` found: the checkpoint used, what its loader returned, and those skipped (with why)."""
+
+  path: epath.Path
+  value: Any
+  skipped: list[tuple[epath.Path, str]]
+
+  def notes(self) -> list[str]:
+    return [f"checkpoint {p} is unusable ({why}); using the older {self.path}" for p, why in self.skipped]
+
+
+def load_newest(run_dir: str | os.PathLike[str], load: Callable[[epath.Path, dict[str, Any]], T]) -> Loaded | None:
+  """The newest checkpoint of ``run_dir`` that ``load(path, meta)`` reads without an error (None: no checkpoint).
+
+  ``load`` raises ``CheckpointError`` or any error of the array reader for a damaged checkpoint; a
+  ``ConfigError`` (a checkpoint of another config) is not a damage and goes through.
+
+  Raises:
+    CheckpointError: when every checkpoint is damaged (each one named with its reason).
+  """
+  from clsvd_jax.config import ConfigError
+
+  candidates = _agreed_readable(run_dir)
+  if candidates is None:
+    return None
+  readable, skipped = candidates
+  for path, meta in readable:
+    try:
+      return Loaded(path, load(path, meta), skipped)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 - TensorStore and Orbax raise many kinds for a damaged file
+      if jax.process_count() > 1:
+        raise CheckpointError(f"checkpoint {path}: its arrays cannot be read ({_first_line(e)}); move it away and "
+                              "rerun to use the one before it") from None
+      skipped.append((path, f"its arrays cannot be read: {_first_line(e)}"))
+  raise CheckpointError("no usable checkpoint in " + os.fspath(run_dir) + ": " +
+                        "; ".join(f"{p.name}: {why}" for p, why in skipped))
+
+
+def load_one(path: epath.Path, load: Callable[[epath.Path, dict[str, Any]], T]) -> Loaded:
+  """``load(path, meta)`` of one given checkpoint (no fallback: the caller chose it).
+
+  Raises:
+    CheckpointError: naming the checkpoint, when its meta or arrays cannot be read.
+  """
+  from clsvd_jax.config import ConfigError
+
+  meta = read_meta(path)
+  try:
+    return Loaded(path, load(path, meta), [])
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 - TensorStore and Orbax raise many kinds for a damaged file
+    raise CheckpointError(f"checkpoint {path}: its arrays cannot be read ({_first_line(e)}); give another "
+                          "checkpoint, or the run directory to use its newest usable one") from None
+
+
+def _agreed_readable(run_dir: str | os.PathLike[str]
+                     ) -> tuple[list[tuple[epath.Path, dict[str, Any]]], list[tuple[epath.Path, str]]] | None:
+  """Complete checkpoints newest first with their metas, and those whose meta is unreadable; None when none exist.
+
+  Several processes: the newest readable one as process 0 sees it, on every process.
+  """
+  if jax.process_count() == 1:
+    found = list_checkpoints(run_dir)
+    if not found:
+      return None
+    readable, skipped = [], []
+    for path in reversed(found):
+      try:
+        readable.append((path, read_meta(path)))
+      except CheckpointError as e:
+        skipped.append((path, str(e)))
+    return readable, skipped
+  distributed.sync("clsvd:before-resume")
+  step, skipped = -1, []
+  if jax.process_index() == 0:
+    for path in reversed(list_checkpoints(run_dir)):
+      try:
+        read_meta(path)
+      except CheckpointError as e:
+        skipped.append((path, str(e)))
+        continue
+      step = int(path.name[len(PREFIX):])
+      break
+    if step < 0 and skipped:
+      step = _ALL_DAMAGED
+  step = distributed.broadcast_int(step)
+  if step == _ALL_DAMAGED:
+    return [], skipped or [(checkpoint_root(run_dir), "every meta.json is damaged (see process 0)")]
+  if step < 0:
+    return None
+  path = checkpoint_dir(run_dir, step)
+  return [(path, read_meta(path))], skipped
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  # TensorStore appends a long dump of its spec to the one sentence that matters.
+  first = (text[0] if text else "").split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {first}"[:300]
 
 
 def restore(ckpt: str | os.PathLike[str], target: Any) -> Any:
@@ -140,3 +260,19 @@ def _sharding_of(x: Any) -> Any:
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return sharding
+
+
+@dataclasses.dataclass
+class Checkpointer:
+  """Writes a run's checkpoints (``save``) and remembers the last one, for messages that must name it."""
+
+  run_dir: epath.Path
+  keep: int
+  last: epath.Path | None = None
+
+  def save(self, global_step: int, arrays: Any, meta: Mapping[str, Any]) -> epath.Path:
+    self.last = save(self.run_dir, global_step, arrays, meta, keep=self.keep)
+    return self.last
+
+  def describe(self) -> str:
+    return f"the last checkpoint is {self.last}" if self.last is not None else "no checkpoint was written yet"

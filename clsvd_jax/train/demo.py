@@ -8,7 +8,8 @@ task 2 and the protected directions come from the finished tasks' input activati
 pretraining the top singular directions of W are mostly its random initialisation, not what task 1 taught it).
 
 Both R matrices and AA/BWT are printed side by side; results and plots go under ``<out>/seqft`` and
-``<out>/osft``; ``<out>/summary.json`` holds the headline figures. ``configs/demo.yaml`` is the same config.
+``<out>/osft`` (replacing those of an earlier demo there); ``<out>/summary.json`` holds the headline figures.
+``configs/demo.yaml`` is the same config.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, progres
   for method in METHODS:
     cfg = demo_config(method, out, steps=steps, progress=progress)
     say(f"== {method}: {len(TASKS)} synthetic tasks, {cfg.training.steps_per_task} steps each ==")
-    results[method] = runner.run(cfg, echo=None)
+    # The demo's own folders: a new demo replaces the last one (a plain run would refuse a folder with files).
+    results[method] = runner.run(cfg, echo=None, overwrite=True)
     say(outputs.format_summary(results[method]))
   elapsed = time.perf_counter() - t0
   table = outputs.format_side_by_side(results)

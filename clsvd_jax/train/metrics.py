@@ -12,6 +12,11 @@ baseline ``b[j]`` (the model before any training):
 * ``pooled_accuracy``: correct answers over all evaluation examples of all tasks after the last task (tasks
   weighted by their size, unlike AA).
 
+Beside exact match, the ``option_rate`` of an evaluation is the share of answers that are one of the task's label
+words after the same normalisation: a model that answers "Goood" is wrong and off the label set, one that answers
+"Company" for a film is wrong but answering the task. Accuracy near chance with an option rate near 1 is a model
+that learnt the format and not the task; an option rate near 0 is one that did not learn the answers at all.
+
 Metrics that need two tasks are ``None`` for a one-task stream, and FWT is ``None`` without a baseline.
 """
 
@@ -26,6 +31,7 @@ import numpy as np
 
 from clsvd_jax._src import subspace as subspace_lib
 from clsvd_jax._src.subspace import Subspace
+from clsvd_jax.data.normalize import normalize_answer
 from clsvd_jax.parallel import distributed
 
 
@@ -104,6 +110,20 @@ def summarize(r: Any, *, baseline: Any | None = None, correct_last: Sequence[int
   else:
     out["pooled_accuracy"] = None
   return out
+
+
+def option_set(labels: Sequence[str] | None) -> frozenset[str] | None:
+  """The normalised label words of a task (``None`` for a free-form task)."""
+  return None if labels is None else frozenset(normalize_answer(x) for x in labels)
+
+
+def option_rate(predictions: Sequence[str], labels: Sequence[str] | None) -> float | None:
+  """Share of ``predictions`` that equal one of ``labels`` after ``normalize_answer`` (the normalisation of exact
+  match); ``None`` for a free-form task (no labels) or no predictions."""
+  options = option_set(labels)
+  if options is None or not predictions:
+    return None
+  return sum(normalize_answer(p) in options for p in predictions) / len(predictions)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from clsvd_jax.config import ConfigError, ModelConfig
@@ -21,6 +22,8 @@ from clsvd_jax.config import ConfigError, ModelConfig
 # Model kind per family: how batches are laid out (clsvd_jax.data.KINDS).
 KIND_BY_FAMILY = {"t5": "encoder_decoder", "llama": "decoder"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The dtype of the parameters the optimizer updates, whatever ``model.dtype`` the weights were read in.
+MASTER_DTYPE = jnp.float32
 
 
 def _models_package() -> Any:
@@ -101,11 +104,35 @@ def constrained_matrices(model: Any) -> dict[str, tuple[int, ...]]:
 
 
 def build_model(cfg: ModelConfig, *, base_dir: str | Path | None = None) -> Any:
-  """The model of the config: a checkpoint (``path``) or a random model from an inline ``config``.
+  """The model of the config with float32 master weights (``to_master_weights``): a checkpoint (``path``) read in
+  ``cfg.dtype``, or a random model from an inline ``config`` initialised in ``cfg.dtype``.
 
   Raises:
     ConfigError: naming ``model.path`` / ``model.config`` when it cannot be built.
   """
+  return to_master_weights(_build(cfg, base_dir))
+
+
+def to_master_weights(model: Any) -> Any:
+  """Casts the model's floating parameters to ``MASTER_DTYPE`` (float32) in place and returns it.
+
+  The optimizer updates these parameters directly, so they must hold float32: a bf16 parameter rounds every
+  update to 8 bits of mantissa, which moves the protected directions (``||U^T dW|| / ||dW||`` = 0.47 measured) and
+  drops most updates at small learning rates (DESIGN 6b; ``tests/train/test_master_weights.py``). The cast is exact
+  (bf16 and float16 values are float32 values); bf16 compute is the train step's ``bf16_compute``. The float32
+  copy is real memory: ``clsvd inspect --memory`` counts it.
+  """
+  _, params = functional(model)
+  leaves = jax.tree.leaves(params)
+  if all(leaf.dtype == MASTER_DTYPE or not jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves):
+    return model
+  # While casting, the low-precision parameters and their float32 copy both exist (1.5x the float32 bytes).
+  update_model(model, jax.tree.map(
+      lambda x: x.astype(MASTER_DTYPE) if jnp.issubdtype(x.dtype, jnp.floating) else x, params))
+  return model
+
+
+def _build(cfg: ModelConfig, base_dir: str | Path | None) -> Any:
   dtype = _DTYPES[cfg.dtype]
   models = _models_package()
   if cfg.path is not None:

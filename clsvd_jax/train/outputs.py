@@ -5,6 +5,11 @@ Plots (matplotlib, Agg backend, no display needed):
   * ``task_curves.png``: accuracy of every task across the stream (the point "before" is the untrained model);
   * ``protected_ranks.png``: protected fraction of each layer before each task, one panel per stack of blocks.
 
+Predictions: ``predictions/initial.jsonl`` (the model before training, when evaluated) and
+``predictions/after_<row>.jsonl`` for every row of R (``<row>`` the task trained, or ``a+b+...`` for ``mtl``), one
+JSON line per example of every task (``task``, ``id``, ``prediction``, ``label``, ``correct``, ``in_options``),
+written atomically when the evaluation ends and listed in ``results.json`` (``predictions``).
+
 Every file goes through ``run_path`` (``etils.epath``), so ``run_dir`` may be a local folder or a URL such as
 ``gs://bucket/run`` (a pod's hosts share a bucket; ``pip install clsvd_jax[gcs]`` installs gcsfs, which epath
 uses for ``gs://`` when TensorFlow is absent). Files are written whole, from memory: matplotlib and ``csv`` cannot
@@ -27,6 +32,7 @@ from etils import epath
 RESULTS = "results.json"
 R_CSV = "R.csv"
 PLOTS = ("R_heatmap.png", "task_curves.png", "protected_ranks.png")
+PREDICTIONS = "predictions"
 
 
 class RunPathError(ValueError):
@@ -70,10 +76,9 @@ def _json_default(x: Any) -> Any:
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-  """Writes JSON atomically (a reader never sees half a file)."""
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+  """Writes a text file atomically (a reader never sees half a file)."""
   path = run_path(path)
-  text = json.dumps(data, indent=1, default=_json_default) + "\n"
   if not is_local(path):
     # An object appears only once its upload is complete, so a direct write is already all-or-nothing.
     path.write_text(text, encoding="utf-8")
@@ -81,6 +86,35 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+  """Writes JSON atomically (a reader never sees half a file)."""
+  write_text_atomic(path, json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
+def prediction_file(row: str | None) -> str:
+  """The predictions file of an evaluation, relative to the run directory: ``row`` None is the model before
+  training (``predictions/initial.jsonl``), else ``predictions/after_<row>.jsonl``."""
+  if row is None:
+    return f"{PREDICTIONS}/initial.jsonl"
+  safe = "".join(ch if ch.isalnum() or ch in "._+-" else "_" for ch in row)
+  return f"{PREDICTIONS}/after_{safe}.jsonl"
+
+
+def write_predictions(run_dir: str | os.PathLike[str], row: str | None,
+                      records: Sequence[Mapping[str, Any]]) -> str:
+  """Writes one evaluation's per-example records as JSON lines (atomically); returns the file's relative path."""
+  rel = prediction_file(row)
+  make_dirs(run_path(run_dir) / PREDICTIONS)
+  text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+  write_text_atomic(run_path(run_dir) / rel, text)
+  return rel
+
+
+def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """The records of a predictions file."""
+  return [json.loads(line) for line in run_path(path).read_text(encoding="utf-8").splitlines() if line]
 
 
 def read_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -126,6 +160,13 @@ def _fmt(x: Any, digits: int = 1) -> str:
   return f"{100 * x:.{digits}f}"
 
 
+def mean_option_rate(results: Mapping[str, Any]) -> float | None:
+  """The mean option rate of the last row (over tasks that have labels); None when there is none."""
+  rates = results.get("option_rate")
+  last = [x for x in (rates[-1] if rates else []) if x is not None]
+  return float(np.mean(last)) if last else None
+
+
 def format_r_table(results: Mapping[str, Any], title: str | None = None) -> str:
   """The accuracy matrix (in %) with a row per stage, plus the initial model when evaluated."""
   tasks = list(results["tasks"])
@@ -143,12 +184,25 @@ def format_r_table(results: Mapping[str, Any], title: str | None = None) -> str:
   return "\n".join(rows)
 
 
+def format_option_table(results: Mapping[str, Any], title: str | None = None) -> str | None:
+  """The option rate (%, share of answers that are one of the task's labels) laid out like R; None when the
+  results have none (an older run)."""
+  rates = results.get("option_rate")
+  if not rates:
+    return None
+  table = {"tasks": results["tasks"], "row_names": results.get("row_names"), "R": rates,
+           "R_initial": results.get("option_rate_initial")}
+  return format_r_table(table, title=title)
+
+
 SUMMARY_KEYS = ("AA", "BWT", "FWT", "forgetting", "pooled_accuracy")
 
 
 def format_summary(results: Mapping[str, Any]) -> str:
   """One line of the headline metrics (in %) and the invariant."""
   parts = [f"{k}={_fmt(results.get(k))}" for k in SUMMARY_KEYS]
+  if mean_option_rate(results) is not None:
+    parts.append(f"option_rate={_fmt(mean_option_rate(results))}")
   inv = results.get("invariant_max")
   if inv is not None:
     parts.append(f"invariant_max={inv:.2e}")
@@ -164,6 +218,8 @@ def format_side_by_side(runs: Mapping[str, Mapping[str, Any]]) -> str:
   lines = ["metric".ljust(16) + "".join(n.rjust(width) for n in names)]
   for key in SUMMARY_KEYS:
     lines.append(key.ljust(16) + "".join(_fmt(runs[n].get(key)).rjust(width) for n in names))
+  if any(mean_option_rate(runs[n]) is not None for n in names):
+    lines.append("option_rate".ljust(16) + "".join(_fmt(mean_option_rate(runs[n])).rjust(width) for n in names))
   lines.append("invariant_max".ljust(16) + "".join(
     (f"{runs[n]['invariant_max']:.1e}" if runs[n].get("invariant_max") is not None else "-").rjust(width)
     for n in names))

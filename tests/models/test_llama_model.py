@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _numerics import GRAD_ULPS, assert_close_at_scale
 
 from clsvd_jax import models
 from clsvd_jax._src.tree_paths import flatten_with_paths
@@ -248,18 +249,20 @@ def test_family_dispatch_errors():
 
 
 def test_gradients_match_torch():
-  """The training path: gradients of a masked next-token loss through our pure apply equal torch's backward."""
+  """The training path: gradients of a masked next-token loss through our pure apply equal torch's backward (in
+  float64, so that the reference has no rounding of its own), within float32 reassociation of each gradient's
+  scale (_numerics)."""
   from transformers import LlamaConfig, LlamaForCausalLM
+
+  from clsvd_jax.models.llama import params as llama_params
 
   hf = LlamaConfig(**{k: v for k, v in HF.items() if k != "model_type"}, tie_word_embeddings=True)
   torch.manual_seed(0)
   tm = LlamaForCausalLM(hf).float()
   ours = models.init_from_config({**HF, "tie_word_embeddings": True})
-  from clsvd_jax.models.llama import params as llama_params
-
-  flat = {e.path: np.stack([tm.state_dict()[n].numpy() for n in e.hf_names]) if e.stacked
-          else tm.state_dict()[e.hf_names[0]].numpy() for e in llama_params.key_map(ours.config)}
-  models.update_model(ours, llama_model.unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
+  sd = tm.state_dict()
+  models.update_model(ours, llama_model.unflatten(llama_params.from_hf(ours.config, lambda n: jnp.asarray(sd[n]))))
+  tm = tm.double()
   ids = _ids(4, batch=2, length=8)
   mask = np.ones_like(ids)
   mask[1, :3] = 0
@@ -267,7 +270,7 @@ def test_gradients_match_torch():
   logits = tm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
               position_ids=torch.tensor(pos)).logits
   logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:], dtype=torch.long)[..., None])[..., 0]
-  weights = torch.tensor(mask[:, 1:] * mask[:, :-1], dtype=torch.float32)
+  weights = torch.tensor(mask[:, 1:] * mask[:, :-1], dtype=torch.float64)
   (-(logp * weights).sum() / weights.sum()).backward()
 
   apply_fn, params = models.functional(ours)
@@ -280,7 +283,67 @@ def test_gradients_match_torch():
 
   grads = flatten_with_paths(jax.grad(loss)(params))
   named = dict(tm.named_parameters())
+  assert set(grads) == {e.path for e in llama_params.key_map(ours.config)}
   for entry in llama_params.key_map(ours.config):
     ref = np.stack([named[n].grad.numpy() for n in entry.hf_names]) if entry.stacked else \
         named[entry.hf_names[0]].grad.numpy()
-    np.testing.assert_allclose(np.asarray(grads[entry.path]), ref, atol=2e-5, rtol=1e-3, err_msg=entry.path)
+    assert float(np.abs(ref).max()) > 0, entry.path
+    assert_close_at_scale(grads[entry.path], ref, ulps=GRAD_ULPS, err_msg=entry.path)
+
+
+def test_matrix_input_covariances_match_torch_hooks():
+  """Every constrained matrix's covariance equals ``sum x x^T`` over the real tokens of what torch's ``nn.Linear``
+  of that matrix receives (forward pre-hooks), on two left-padded batches: the block's taps cover o_proj (the
+  attention heads) and down_proj (the gated hidden) too, not only the normed inputs."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  from clsvd_jax.models.llama import params as llama_params
+
+  hf = LlamaConfig(**{k: v for k, v in HF.items() if k != "model_type"})
+  torch.manual_seed(1)
+  tm = LlamaForCausalLM(hf).float().eval()
+  ours = models.init_from_config(HF)
+  sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+  models.update_model(ours, llama_model.unflatten(llama_params.from_hf(ours.config, lambda n: jnp.asarray(sd[n]))))
+  batches = []
+  for seed in (5, 6):
+    ids = _ids(seed, batch=3, length=7)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    batches.append({"input_ids": ids, "attention_mask": mask})
+  covs = models.matrix_input_covariances(ours, batches)
+  assert set(covs) == set(models.constrained_matrices(ours))
+
+  want: dict[tuple[str, int], np.ndarray] = {}
+  tokens: dict[str, np.ndarray] = {}
+
+  def hook(path, layer):
+    def fn(_module, args):
+      x = args[0].detach().numpy().astype(np.float64) * tokens["mask"][..., None]
+      want[(path, layer)] = want.get((path, layer), 0) + np.einsum("bti,btj->ij", x, x)
+    return fn
+
+  handles = []
+  for i, layer in enumerate(tm.model.layers):
+    for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+      for name in names:
+        module = getattr(getattr(layer, group), name)
+        handles.append(module.register_forward_pre_hook(hook(f"layers/{group}/{name}/weight", i)))
+  try:
+    with torch.no_grad():
+      for b in batches:
+        mask = b["attention_mask"]
+        tokens["mask"] = mask.astype(np.float64)
+        pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
+        tm(input_ids=torch.tensor(b["input_ids"], dtype=torch.long), attention_mask=torch.tensor(mask),
+           position_ids=torch.tensor(pos))
+  finally:
+    for h in handles:
+      h.remove()
+  for path, c in covs.items():
+    for layer in range(c.shape[0]):
+      ref = want[(path, layer)]
+      np.testing.assert_allclose(np.asarray(c[layer]), ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max(),
+                                 err_msg=f"{path} layer {layer}")

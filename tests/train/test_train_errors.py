@@ -1,10 +1,15 @@
 """Bad input refuses to start with a clear message; a non-finite loss stops the run and keeps the last checkpoint."""
 
 import json
+import os
+import signal
 
+import jax.numpy as jnp
 import pytest
+import yaml
 from _train_helpers import tiny_config_dict
 
+from clsvd_jax import cli
 from clsvd_jax import config as C
 from clsvd_jax.data.tasks import DataError
 from clsvd_jax.train import checkpoint as ckpt_lib
@@ -108,9 +113,9 @@ def _stopped_run(tmp_path, **optimizer):
 def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   # A NaN learning rate at the third step of task 1 makes that step's update non-finite, deterministically on any
   # machine (a huge learning rate overflows at a step that depends on the platform's float behaviour).
-  real_lr = step_lib.learning_rate
-  monkeypatch.setattr(step_lib, "learning_rate",
-                      lambda step, total, cfg: float("nan") if step == 2 else real_lr(step, total, cfg))
+  real_schedule = step_lib.lr_schedule
+  monkeypatch.setattr(step_lib, "lr_schedule",
+                      lambda s: (lambda count: jnp.where(count == 2, jnp.nan, real_schedule(s)(count))))
   d, msg = _stopped_run(tmp_path)
   assert "at step 3 of task 1 (low)" in msg
   last = ckpt_lib.latest_checkpoint(d["run_dir"])
@@ -123,3 +128,76 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
   d, msg = _stopped_run(tmp_path, lr=1e30, clip_norm=None)
   last = ckpt_lib.latest_checkpoint(d["run_dir"])
   assert (str(last) in msg) if last is not None else ("no checkpoint was written yet" in msg)
+
+
+def test_missing_model_path_is_reported_as_model_path(tmp_path):
+  d = tiny_config_dict(tmp_path)
+  d["model"] = {"path": "no_such_checkpoint"}
+  d["data_dir"] = str(tmp_path)
+  with pytest.raises(C.ConfigError, match=r"model\.path=no_such_checkpoint: no such folder \(looked at "):
+    _prepare(d)
+
+
+def test_nan_learning_rate_from_the_command_line_is_one_line(tmp_path, capsys):
+  d = tiny_config_dict(tmp_path)
+  path = tmp_path / "c.yaml"
+  path.write_text(yaml.safe_dump(d))
+  assert cli.main(["train", str(path), "--set", "optimizer.lr=.nan"]) == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "optimizer.lr: must be a finite number, got nan" in err
+  assert not (tmp_path / "run_osft").exists()
+
+
+def test_max_length_that_cuts_most_prompts_is_an_error_with_the_fix(tmp_path):
+  # 3 of 4 prompts too long: 75% > the share allowed (0.5 here, 0.9 by default) -> refused, naming the fix.
+  long, short = {"label": "pos", "sentence": "word " * 200}, {"label": "neg", "sentence": "b"}
+  _bench(tmp_path / "bench", train=[long, long, long, short])
+  d = _mini(tmp_path, training={"max_truncated_share": 0.5})
+  with pytest.raises(DataError, match=r"mini/train: 3 of 4 prompts \(75%\) are longer than training\.max_length=128 "
+                                      r".*raise training\.max_length, or set training\.max_truncated_share: 1\.0"):
+    _prepare(d)
+  # At the default share it is a note (the existing 1-of-2 case is covered above).
+  p = _prepare(_mini(tmp_path))
+  assert any("3 prompts truncated" in n for n in p.notes)
+
+
+def test_a_diverging_run_finishes_with_a_warning_and_exit_4(tmp_path, capsys):
+  # A learning rate of 1e6 with clipping keeps every value finite but overwrites the weights: task 1's first step
+  # is larger than the weights themselves; task 2's loss rises over the task to above chance.
+  d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft", optimizer={"lr": 1e6, "clip_norm": 1.0})
+  d["eval"]["initial"] = False
+  path = tmp_path / "c.yaml"
+  path.write_text(yaml.safe_dump(d))
+  assert cli.main(["train", str(path)]) == cli.EXIT_DIVERGED
+  captured = capsys.readouterr()
+  assert "training diverged on low, high" in captured.err and len(captured.err.strip().splitlines()) == 1
+  assert "warning: task 1 (low) diverged: one step moved the parameters by" in captured.out
+  assert "warning: task 2 (high) diverged: the mean loss rose from" in captured.out
+  res = json.loads((tmp_path / "run_seqft" / "results.json").read_text())
+  assert res["diverged"] == ["low", "high"]
+  # (The same stream at lr 3e-3 exits 0: tests/test_cli_runner.py::test_train_inspect_eval.)
+
+
+def test_sigterm_names_the_phase_and_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+  # SIGTERM arrives during the boundary before task 2: the message names that boundary and the checkpoint after
+  # task 1, and `clsvd train` exits with 143.
+  from clsvd_jax.train import runner as runner_mod
+
+  real = runner_mod.boundary
+
+  def boundary(ctx, state, arrays):
+    if state.stage == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(ctx, state, arrays)
+
+  monkeypatch.setattr(runner_mod, "boundary", boundary)
+  before = signal.getsignal(signal.SIGTERM)
+  d = tiny_config_dict(tmp_path, tasks=("low", "high"), method="seqft", training={"steps_per_task": 2})
+  d["eval"]["initial"] = False
+  path = tmp_path / "c.yaml"
+  path.write_text(yaml.safe_dump(d))
+  assert cli.main(["train", str(path)]) == cli.EXIT_SIGTERM
+  err = capsys.readouterr().err
+  assert "stopped by SIGTERM during the boundary before task 2/2 (high)" in err
+  assert "the last checkpoint is" in err and "step_00000002" in err and "--resume" in err
+  assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again

@@ -1,6 +1,7 @@
 """The runner on a decoder-only model (tiny LLaMA): left-padded batches, loss on the answer, greedy evaluation."""
 
 import numpy as np
+import pytest
 from _train_helpers import tiny_config_dict
 
 from clsvd_jax import config as C
@@ -26,7 +27,7 @@ def test_llama_stream_keeps_the_invariant(tmp_path):
   assert set(res["scheduler"]["records"][0]["importance"]) == {"layers"}
   assert 0.0 < res["invariant_max"] <= 1e-5
   # The loss averages over exactly the answer + EOS tokens of the rows each step saw.
-  want = 0
+  want = seen = 0
   for si, split in enumerate(p.train_splits):
     it = BatchIterator(split, p.info, batch_size=4, seed=si)
     for step in range(4):
@@ -34,7 +35,10 @@ def test_llama_stream_keeps_the_invariant(tmp_path):
       rows = [split.examples[i] for i in it.permutation(0)[step * 4:(step + 1) * 4]]
       assert batch["loss_mask"][:, 1:].sum() == sum(len(e.target_ids) for e in rows)
       want += sum(len(e.target_ids) for e in rows)
+      seen += sum(e.length for e in rows)  # prompt + target (+ BOS): what the progress bar's tok_s counts
   assert res["train_tokens"] == want
+  assert res["train_seen_tokens"] == seen
+  assert res["tokens_per_second"] == pytest.approx(seen / res["train_seconds"])
 
 
 def test_activations_basis_on_llama(tmp_path):

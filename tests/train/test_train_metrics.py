@@ -79,6 +79,12 @@ def _base():
   ({"optimizer": {"grad_accum": 3}}, "must be divisible by grad_accum=3"),
   ({"osft": {"basis_source": "activations"}}, "set osft.start_protecting_from: 2"),
   ({"model": {"tokenizer": "byt5"}}, "give either model.path"),
+  ({"optimizer": {"lr": float("nan")}}, "optimizer.lr: must be a finite number, got nan"),
+  ({"optimizer": {"lr": float("inf")}}, "optimizer.lr: must be a finite number, got inf"),
+  ({"optimizer": {"clip_norm": float("-inf")}}, "optimizer.clip_norm: must be a finite number, got -inf"),
+  ({"osft": {"rank_policy": {"eps": float("nan")}}}, "osft.rank_policy.eps: must be a finite number"),
+  ({"training": {"watchdog_seconds": -1}}, "training.watchdog_seconds: must be >= 0"),
+  ({"training": {"max_truncated_share": 1.5}}, "training.max_truncated_share: must lie in [0, 1]"),
 ])
 def test_config_validation_names_the_key(patch, message):
   d = _base()

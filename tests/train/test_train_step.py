@@ -4,6 +4,7 @@ the non-finite guard, and the constraint inside the step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import transformers
 
@@ -30,7 +31,8 @@ def setup(tmp_path_factory):
   osft = OsftConfig()
   labels = step_lib.param_policy(osft.param_policy).labels(params)
   trainable = jax.tree.map(lambda a: a != "freeze", labels)
-  return apply_fn, params, step_lib.device_batch(batch, "encoder_decoder"), osft, trainable
+  device_batch = jax.device_put({k: np.asarray(batch[k]) for k in step_lib.TRAIN_KEYS["encoder_decoder"]})
+  return apply_fn, params, device_batch, osft, trainable
 
 
 _STEPS = {}
@@ -38,17 +40,23 @@ _STEPS = {}
 
 def _run(setup, *, accum=1, bf16=False, lr=1e-3, constrained=False, batch=None, ranks=None):
   apply_fn, params, b, osft, trainable = setup
-  key = (accum, bf16, constrained)
+  key = (accum, bf16, constrained, str(lr))
   if key not in _STEPS:
     tx = step_lib.build_optimizer(OptimizerConfig(grad_accum=accum), osft, constrained=constrained)
     _STEPS[key] = tx, jax.jit(step_lib.make_train_step(apply_fn, tx, kind="encoder_decoder", grad_accum=accum,
-                                                       bf16_compute=bf16, clip_norm=None, trainable=trainable))
+                                                       bf16_compute=bf16, clip_norm=None, trainable=trainable,
+                                                       schedule=optax.constant_schedule(lr)))
   tx, step = _STEPS[key]
   state = tx.init(params)
   if ranks is not None:
     subs = cj.compute_subspaces(params, ranks, previous=cj.get_subspaces(state))
     state = cj.set_subspaces(state, subs)
-  return step(params, state, batch if batch is not None else b, jnp.float32(lr))
+  new_params, new_state, _, m = step(params, state, batch if batch is not None else b, _carry(0))
+  return new_params, new_state, m
+
+
+def _carry(step, first_bad=-1):
+  return step_lib.StepCarry(jnp.int32(step), jnp.int32(first_bad))
 
 
 def _max_diff(a, b):
@@ -100,3 +108,35 @@ def test_constrained_step_keeps_the_protected_directions(setup):
     assert norm > 0
     assert float(jnp.linalg.norm(cj.protected_left(s, dw))) <= 1e-5 * norm
     assert float(jnp.linalg.norm(cj.protected_right(s, dw))) <= 1e-5 * norm
+
+
+def test_first_non_finite_step_is_recorded_and_freezes_the_rest(setup):
+  # Step 1 of 3 gets a NaN learning rate: the carry records it, and neither it nor the finite step after it
+  # changes anything, so the state stays that of the last good step (the runner raises at its next fetch).
+  apply_fn, params, b, osft, trainable = setup
+  tx = step_lib.build_optimizer(OptimizerConfig(), osft, constrained=False)
+  schedule = lambda c: jnp.where(c == 1, jnp.nan, 1e-3)
+  step = jax.jit(step_lib.make_train_step(apply_fn, tx, kind="encoder_decoder", clip_norm=None,
+                                          trainable=trainable, schedule=schedule))
+  state, carry = tx.init(params), _carry(0)
+  p1, state, carry, m1 = step(params, state, b, carry)
+  assert bool(m1["finite"]) and int(carry.first_bad) == -1 and int(carry.step) == 1
+  assert _max_diff(p1, params) > 0
+  p2, state, carry, m2 = step(p1, state, b, carry)
+  assert not bool(m2["finite"]) and int(carry.first_bad) == 1
+  p3, _, carry, m3 = step(p2, state, b, carry)
+  assert bool(m3["finite"]) and int(carry.first_bad) == 1 and int(carry.step) == 3
+  assert _max_diff(p3, p1) == 0.0
+
+
+def test_seen_tokens_count_inputs_and_targets_of_real_rows(setup):
+  _, _, b, _, _ = setup
+  mask, att = np.asarray(b["loss_mask"]), np.asarray(b["attention_mask"])
+  want = att[mask.sum(-1) > 0].sum() + mask.sum()
+  assert float(step_lib.seen_tokens(b, "encoder_decoder")) == want
+  # A filler row (no target) adds nothing; decoder-only inputs already hold the target.
+  filler = {k: np.asarray(v).copy() for k, v in b.items()}
+  filler["loss_mask"][0] = 0
+  want = att[1:].sum() + filler["loss_mask"].sum()
+  assert float(step_lib.seen_tokens(filler, "encoder_decoder")) == want
+  assert float(step_lib.seen_tokens(filler, "decoder")) == att[1:].sum()

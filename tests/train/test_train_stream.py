@@ -8,6 +8,7 @@ import pytest
 from _train_helpers import tiny_config_dict
 
 from clsvd_jax import config as C
+from clsvd_jax.data import BatchIterator
 from clsvd_jax.train import checkpoint as ckpt_lib
 from clsvd_jax.train import outputs, runner
 
@@ -61,6 +62,21 @@ def test_results_json_has_the_keys_and_shapes(stream):
   energy = records[0]["energy"]["encoder/layers/mlp/wi/weight"]
   assert all(0.0 < e < 1.0 for e in energy)
   assert set(records[0]["importance"]) == {"encoder/layers", "decoder/layers"}
+
+
+def test_tokens_seen_count_inputs_and_targets(stream):
+  # The encoder reads the prompt (+ EOS), the decoder the target (+ EOS): tok_s and tokens_per_second count both.
+  tmp, d, res = stream
+  p = runner.prepare(C.from_dict(d))
+  want = target = 0
+  for si, split in enumerate(p.train_splits):
+    it = BatchIterator(split, p.info, batch_size=4, seed=si)
+    for step in range(4):
+      rows = [split.examples[i] for i in it.permutation(0)[step * 4:(step + 1) * 4]]
+      want += sum(len(e.prompt_ids) + len(e.target_ids) for e in rows)
+      target += sum(len(e.target_ids) for e in rows)
+  assert res["train_seen_tokens"] == want and res["train_tokens"] == target
+  assert res["tokens_per_second"] == pytest.approx(want / res["train_seconds"])
 
 
 def test_kill_and_resume_equals_uninterrupted(stream):

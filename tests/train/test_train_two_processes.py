@@ -27,7 +27,8 @@ import sys
 from clsvd_jax import cli
 from clsvd_jax import config as C
 from clsvd_jax.parallel import distributed
-from clsvd_jax.train import runner
+from clsvd_jax.train import context, outputs, runner
+from clsvd_jax.train.phases import start, train_task
 
 cfg_path = sys.argv[1]
 cfg = C.load_config(cfg_path)
@@ -42,29 +43,29 @@ def _marked(fn, what):
   return wrapper
 
 
-runner.outputs.write_outputs = _marked(runner.outputs.write_outputs, "outputs")
-runner.dump_config = _marked(runner.dump_config, "config")
+outputs.write_outputs = _marked(outputs.write_outputs, "outputs")
+start.dump_config = _marked(start.dump_config, "config")
 
 
-class Writer(runner._Writer):
+class Writer(context.Writer):
   def __init__(self, run_dir, enabled=True):
     if enabled:
       print("WROTE tensorboard", flush=True)
     super().__init__(run_dir, enabled=enabled)
 
 
-runner._Writer = Writer
+context.Writer = Writer
 
 
 # Which rows of each training batch this host reads (its share, not the whole batch).
-class Iterator(runner.BatchIterator):
+class Iterator(train_task.BatchIterator):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     if "position" in kwargs:  # the training stream (calibration batches are read whole on purpose)
       print(f"TRAIN ROWS {self.process_index}/{self.process_count}", flush=True)
 
 
-runner.BatchIterator = Iterator
+train_task.BatchIterator = Iterator
 try:
   runner.run(cfg, stop_after_steps=int(sys.argv[2]))
 except runner.RunInterrupted:

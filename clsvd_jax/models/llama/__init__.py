@@ -20,9 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from clsvd_jax._src.tree_paths import flatten_with_paths
+from clsvd_jax.models import common
 from clsvd_jax.models.llama import params as llama_params
 from clsvd_jax.models.llama.config import LlamaConfig, RopeScaling, config_from_hf, config_to_hf
 from clsvd_jax.models.llama.generate import generate
@@ -54,18 +53,6 @@ _CONSTRAINED = re.compile(r"^layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)
 def init(config: LlamaConfig, *, seed: int = 0, dtype: Any = jnp.float32) -> LlamaModel:
   """A randomly initialised model (transformers' LLaMA initialisation)."""
   return LlamaModel(config, init_params(config, seed=seed, dtype=dtype))
-
-
-def _sharding(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh | None,
-              partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.Sharding | None:
-  """The project's partition-rule semantics (``clsvd_jax.parallel.rules``): first matching regex wins, its spec
-  names the trailing dims, logical axes map to mesh axes, and a dim its mesh axes do not divide is replicated."""
-  if mesh is None:
-    return None
-  from clsvd_jax.parallel import rules as rules_lib  # models must not need the parallel package to import
-
-  rules = rules_lib.DEFAULT_RULES if partition_rules is None else tuple(partition_rules)
-  return jax.sharding.NamedSharding(mesh, rules_lib.spec_for(path, shape, mesh, rules))
 
 
 def _resolve_head(reader: Any, config: LlamaConfig) -> LlamaConfig:
@@ -100,25 +87,14 @@ def load(reader: Any, config: LlamaConfig, *, dtype: Any = jnp.float32, mesh: ja
     CheckpointError / MissingTensorError: from the reader, naming the file and tensor.
   """
   config = _resolve_head(reader, config)
-  shapes = flat_shapes(config)
-  flat = {}
-  for entry in llama_params.key_map(config):
-    shape = shapes[entry.path]
-    sharding = _sharding(entry.path, shape, mesh, partition_rules)
-    if entry.stacked:
-      flat[entry.path] = reader.get_stacked(entry.hf_names, dtype=dtype, sharding=sharding, expected_shape=shape[1:])
-    else:
-      flat[entry.path] = reader.get(entry.hf_names[0], dtype=dtype, sharding=sharding, expected_shape=shape)
+  flat = common.load_stacked(reader, llama_params.key_map(config), flat_shapes(config), dtype=dtype, mesh=mesh,
+                             partition_rules=partition_rules)
   return LlamaModel(config, unflatten(flat))
 
 
 def export(model: LlamaModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """``(tensors by Hugging Face name, config.json dict)`` that transformers' ``LlamaForCausalLM`` loads."""
-  config = model.config
-  tensors = llama_params.to_hf(config, flatten_with_paths(model.params()))
-  hf_config = config_to_hf(config)
-  hf_config["dtype"] = jnp.dtype(model.dtype).name
-  return tensors, hf_config
+  return common.export(model, llama_params.to_hf, config_to_hf)
 
 
 def functional(model: LlamaModel) -> tuple[Callable[..., jax.Array], dict[str, Any]]:
@@ -133,10 +109,7 @@ def update_model(model: LlamaModel, params: Mapping[str, Any]) -> None:
   Raises:
     ValueError: naming the path of a missing, unexpected or misshaped parameter.
   """
-  check_params(model.config, params)
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
+  common.update_model(model, params, functools.partial(check_params, model.config))
 
 
 def _ids(x: Any) -> jax.Array | None:
@@ -161,10 +134,11 @@ def constrained_matrices(model: LlamaModel) -> dict[str, tuple[int, ...]]:
 def matrix_input_covariances(model: LlamaModel, batches: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
   """``{path: [L, in, in]}``: sums of ``x x^T`` over the real tokens of ``batches`` (dicts with ``input_ids`` and
   optionally ``attention_mask``) of the input of every constrained matrix (basis source ``activations``)."""
-  total: dict[str, jax.Array] = {}
   params = model.params()
-  for batch in batches:
-    covs = input_covariances(params, _ids(batch["input_ids"]), _ids(batch.get("attention_mask")),
-                             config=model.config)
-    total = covs if not total else {k: total[k] + v for k, v in covs.items()}
-  return total
+
+  def covariances(i: int, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    if "input_ids" not in batch:
+      raise ValueError(f"LLaMA covariance batch {i} lacks 'input_ids' (attention_mask optional)")
+    return input_covariances(params, _ids(batch["input_ids"]), _ids(batch.get("attention_mask")), config=model.config)
+
+  return common.sum_over_batches(batches, covariances)

@@ -11,8 +11,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-# Activations of the gated MLP (``hidden_act``); names are the Hugging Face ones.
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+from clsvd_jax.models.common import as_id_tuple
+from clsvd_jax.models.layers import ACTIVATIONS  # of the gated MLP (``hidden_act``); the Hugging Face names
+
 # Rotary kinds implemented (``rope_type``): plain, position interpolation, and LLaMA 3.1's frequency-dependent one.
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -116,15 +117,7 @@ class LlamaConfig:
   @property
   def eos_token_ids(self) -> tuple[int, ...]:
     """The end-of-sequence ids as a tuple (empty when the config has none)."""
-    return _as_id_tuple(self.eos_token_id)
-
-
-def _as_id_tuple(value: Any) -> tuple[int, ...]:
-  if value is None:
-    return ()
-  if isinstance(value, int | bool):
-    return (int(value),)
-  return tuple(int(v) for v in value)
+    return as_id_tuple(self.eos_token_id)
 
 
 def _rope_fields(d: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:

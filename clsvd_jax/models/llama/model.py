@@ -1,10 +1,10 @@
 """LLaMA decoder in Flax NNX, computing what transformers' PyTorch ``LlamaForCausalLM`` computes.
 
-The NNX modules only hold parameters; the network is a set of pure functions of a nested dict of arrays
-(``forward``, ``run_layers``, ``block``), so ``model(...)``, the functional interface used by the runner and the
-sharding code, block hidden states and greedy decoding all run the same code. Layers are stacked on a leading axis
-and run with ``jax.lax.scan``: one compiled block whatever the depth, and every matrix of a kind is one
-``[L, out, in]`` array for the batched SVD of the subspace code.
+The NNX modules only hold parameters; the network is a set of pure functions of a nested dict of arrays. One
+``block`` function is the decoder block: ``forward`` (``model(...)``, the runner's functional interface), the block
+hidden states, the input covariances (its ``taps``) and greedy decoding (its ``KVCache``) all run it through
+``run_blocks``. Layers are stacked on a leading axis and run with ``jax.lax.scan``: one compiled block whatever the
+depth, and every matrix of a kind is one ``[L, out, in]`` array for the batched SVD of the subspace code.
 
 What parity with the reference depends on:
 * rotary embeddings rotate the two halves of each head (``rotate_half``), not interleaved pairs; the angles are
@@ -19,44 +19,37 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clsvd_jax.models import common
+from clsvd_jax.models.common import Params
+from clsvd_jax.models.common import unflatten as unflatten  # the family API and tests use it from here
+from clsvd_jax.models.layers import (
+  Embed,
+  KVCache,
+  Linear,
+  RMSNorm,
+  Taps,
+  activation,
+  attend,
+  block_io,
+  head_logits,
+  linear,
+  rms_norm,
+  scan_blocks,
+  tap_covariances,
+)
 from clsvd_jax.models.llama.config import LlamaConfig
-
-Params = dict[str, Any]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameter containers (NNX). Attribute names are the parameter paths of the library's contract.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class Linear(nnx.Module):
-  """A linear map with its weight in Hugging Face orientation ``[..., out, in]`` (``y = x @ W.T + b``)."""
-
-  def __init__(self, p: Mapping[str, Any]):
-    self.weight = nnx.Param(p["weight"])
-    if "bias" in p:
-      self.bias = nnx.Param(p["bias"])
-
-
-class RMSNorm(nnx.Module):
-  """RMS norm scale."""
-
-  def __init__(self, p: Mapping[str, Any]):
-    self.scale = nnx.Param(p["scale"])
-
-
-class Embed(nnx.Module):
-  """The token embedding ``[vocab, D]``."""
-
-  def __init__(self, p: Mapping[str, Any]):
-    self.embedding = nnx.Param(p["embedding"])
 
 
 class Attention(nnx.Module):
@@ -156,53 +149,16 @@ def param_shapes(config: LlamaConfig) -> Params:
   return shapes
 
 
-def _is_shape(x: Any) -> bool:
-  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def flat_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   """``{"a/b/c": shape}`` for every parameter of this config."""
-  out = {}
-
-  def walk(prefix: str, node: Any):
-    if _is_shape(node):
-      out[prefix] = node
-      return
-    for k, v in node.items():
-      walk(f"{prefix}/{k}" if prefix else k, v)
-
-  walk("", param_shapes(config))
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> Params:
-  """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-  out: Params = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
+  return common.flatten_shapes(param_shapes(config))
 
 
 def check_params(config: LlamaConfig, params: Mapping[str, Any]) -> None:
   """Raises ``ValueError`` naming the first parameter path that is missing, unexpected or of the wrong shape."""
-  from clsvd_jax._src.tree_paths import flatten_with_paths
-
-  want = flat_shapes(config)
-  have = flatten_with_paths(params)
-  for path, shape in want.items():
-    if path not in have:
-      raise ValueError(f"LLaMA parameters lack {path!r} (expected shape {shape})")
-    if tuple(np.shape(have[path])) != shape:
-      raise ValueError(f"LLaMA parameter {path!r} has shape {tuple(np.shape(have[path]))}, expected {shape}")
-  extra = sorted(set(have) - set(want))
-  if extra:
-    raise ValueError(f"LLaMA parameters hold unexpected entries {extra} for this config (tie_word_embeddings="
-                     f"{config.tie_word_embeddings}, attention_bias={config.attention_bias}, "
-                     f"mlp_bias={config.mlp_bias})")
+  common.check_params(flat_shapes(config), params, family="LLaMA",
+                      hint=f"tie_word_embeddings={config.tie_word_embeddings}, attention_bias={config.attention_bias}, "
+                           f"mlp_bias={config.mlp_bias}")
 
 
 def init_params(config: LlamaConfig, *, seed: int = 0, dtype: Any = jnp.float32) -> Params:
@@ -214,21 +170,10 @@ def init_params(config: LlamaConfig, *, seed: int = 0, dtype: Any = jnp.float32)
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "std"))
 def _init_params(config: LlamaConfig, seed: jax.Array, dtype: Any, std: float) -> Params:
-  # One draw for all tensors, sliced afterwards: a separate draw per tensor costs seconds of CPU compile time.
-  flat = flat_shapes(config)
-  sizes = [math.prod(shape) for shape in flat.values()]
-  noise = jax.random.normal(jax.random.key(seed), (sum(sizes),), jnp.float32)
-  out = {}
-  offset = 0
-  for (path, shape), size in zip(flat.items(), sizes, strict=True):
-    if path.endswith("/scale"):
-      out[path] = jnp.ones(shape, dtype)
-    elif path.endswith("/bias"):
-      out[path] = jnp.zeros(shape, dtype)
-    else:
-      out[path] = (std * noise[offset:offset + size].reshape(shape)).astype(dtype)
-    offset += size
-  return unflatten(out)
+  def init_of(path: str) -> common.Init:
+    return "ones" if path.endswith("/scale") else "zeros" if path.endswith("/bias") else std
+
+  return common.random_params(flat_shapes(config), init_of, seed, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,37 +219,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """``scale * x / rms(x)``: mean of squares in float32, normalised values cast back to ``x``'s dtype first."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return scale * y.astype(x.dtype)
-
-
-def linear(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
-  """``x @ W.T (+ b)`` for a ``{"weight": [out, in], "bias"?: [out]}`` dict."""
-  y = jnp.einsum("...i,oi->...o", x, p["weight"])
-  return y + p["bias"] if "bias" in p else y
-
-
-def activation(name: str, x: jax.Array) -> jax.Array:
-  """The config's ``hidden_act``."""
-  if name in ("silu", "swish"):
-    return jax.nn.silu(x)
-  if name == "gelu":
-    return jax.nn.gelu(x, approximate=False)
-  if name in ("gelu_new", "gelu_pytorch_tanh"):
-    return jax.nn.gelu(x, approximate=True)
-  if name == "relu":
-    return jax.nn.relu(x)
-  raise ValueError(f"unsupported LLaMA activation {name!r}")
-
-
-def mlp(p: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
-  """SwiGLU feed forward."""
-  return linear(activation(config.hidden_act, linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
-
-
 def qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
         config: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Rotated queries ``[B, T, H, hd]``, rotated keys and values ``[B, T, KV, hd]`` of normed inputs ``x``."""
@@ -315,34 +229,63 @@ def qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: LlamaConfig) -> jax.Array:
-  """Scaled dot-product attention with grouped key/value heads.
+class BlockInputs(NamedTuple):
+  """What every block of one call reads besides its parameters and hidden states.
+
+  Attributes:
+    cos, sin: rotary tables ``[B, T, head_dim]`` of the tokens' positions, in the activation dtype.
+    mask: boolean ``[B, T, S]``: which keys each query sees (``S = T``, or the cache's length when decoding).
+  """
+
+  cos: jax.Array
+  sin: jax.Array
+  mask: jax.Array
+
+
+def block_inputs(positions: jax.Array, mask: jax.Array, config: LlamaConfig, dtype: Any) -> BlockInputs:
+  """``BlockInputs`` for integer ``positions`` ``[B, T]`` and a key mask ``[B, T, S]``."""
+  return BlockInputs(*rope_tables(positions, config, dtype), mask)
+
+
+def block(p: Params, h: jax.Array, inputs: BlockInputs, config: LlamaConfig, *, cache: KVCache | None = None,
+          layer: jax.Array | None = None, taps: Taps = None) -> tuple[jax.Array, KVCache | None]:
+  """One decoder block: pre-norm attention and pre-norm SwiGLU feed forward, each with a residual.
 
   Args:
-    q: ``[B, T, H, hd]``; k, v: ``[B, S, KV, hd]``.
-    mask: boolean ``[B, T, S]``; False keys get no weight. A query without any allowed key (a left pad) averages all
-      keys instead of producing NaN; its output is never used.
-    config: the config (head counts).
+    p: one layer's parameters (``params["layers"]`` sliced at ``layer``).
+    h: hidden states ``[B, T, D]`` entering the block.
+    inputs: rotary tables and key mask of this call.
+    config: the config.
+    cache: with a ``KVCache``, the block writes its keys and values at the cache's slot and attends over all of the
+      cache's slots (prefill and decoding); without one, over this call's own keys.
+    layer: this block's index in the stack (to address the cache).
+    taps: a dict to record the input of every matrix in: ``self_attn/q_proj`` (shared by ``k_proj``/``v_proj``),
+      ``self_attn/o_proj``, ``mlp/gate_proj`` (shared by ``up_proj``) and ``mlp/down_proj``.
 
   Returns:
-    ``[B, T, H * hd]`` in ``v``'s dtype.
+    ``(hidden states leaving the block, cache)``.
   """
-  b, t = q.shape[:2]
-  q = q.reshape(b, t, config.num_key_value_heads, config.num_groups, config.head_dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (config.head_dim**-0.5)
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-  return out.reshape(b, t, -1)
-
-
-def block(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, config: LlamaConfig) -> jax.Array:
-  """One decoder block (pre-norm attention, pre-norm SwiGLU, residuals) over a whole sequence."""
   eps = config.rms_norm_eps
-  q, k, v = qkv(p["self_attn"], rms_norm(h, p["input_layernorm"]["scale"], eps), cos, sin, config)
-  h = h + linear(attend(q, k, v, mask, config), p["self_attn"]["o_proj"])
-  return h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"]["scale"], eps), config)
+  attn, mlp = p["self_attn"], p["mlp"]
+  x = rms_norm(h, p["input_layernorm"]["scale"], eps)
+  q, k, v = qkv(attn, x, inputs.cos, inputs.sin, config)
+  if cache is not None:
+    cache, k, v = cache.write(layer, k, v)
+  heads = attend(q, k, v, inputs.mask, scale=config.head_dim**-0.5)
+  h = h + linear(heads, attn["o_proj"])
+  y = rms_norm(h, p["post_attention_layernorm"]["scale"], eps)
+  hidden = activation(config.hidden_act, linear(y, mlp["gate_proj"])) * linear(y, mlp["up_proj"])
+  if taps is not None:
+    taps.update({"self_attn/q_proj": x, "self_attn/o_proj": heads, "mlp/gate_proj": y, "mlp/down_proj": hidden})
+  return h + linear(hidden, mlp["down_proj"]), cache
+
+
+def run_blocks(params: Params, h: jax.Array, inputs: BlockInputs, config: LlamaConfig, *,
+               cache: KVCache | None = None, observe: Callable[..., Any] | None = None
+               ) -> tuple[jax.Array, KVCache | None, Any]:
+  """Every block over ``h`` (``clsvd_jax.models.layers.scan_blocks``): ``(h, cache, stacked observations)``."""
+  fn = functools.partial(block, inputs=inputs, config=config)
+  return scan_blocks(fn, params["layers"], h, cache=cache, observe=observe)
 
 
 def default_positions(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -362,36 +305,32 @@ def causal_mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.A
   return mask
 
 
-def run_layers(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, *, config: LlamaConfig,
-               collect: bool = False) -> tuple[jax.Array, Any]:
-  """Embedding and all blocks: the final normed hidden states ``[B, T, D]`` and, with ``collect``, every block's
-  ``(inputs, outputs)`` stacked ``[L, B, T, D]``."""
+def embed_prompt(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None,
+                 position_ids: jax.Array | None, config: LlamaConfig) -> tuple[jax.Array, BlockInputs]:
+  """Token embeddings ``[B, T, D]`` and the ``BlockInputs`` of a whole (padded) sequence, causal over itself."""
   x = params["embed_tokens"]["embedding"][input_ids]
   if position_ids is None:
     position_ids = default_positions(input_ids, attention_mask)
-  cos, sin = rope_tables(position_ids, config, x.dtype)
-  mask = causal_mask(input_ids, attention_mask)
+  return x, block_inputs(position_ids, causal_mask(input_ids, attention_mask), config, x.dtype)
 
-  def body(h, p):
-    out = block(p, h, cos, sin, mask, config)
-    return out, ((h, out) if collect else None)
 
-  x, states = jax.lax.scan(body, x, params["layers"])
-  return rms_norm(x, params["norm"]["scale"], config.rms_norm_eps), states
+def final_norm(params: Params, h: jax.Array, config: LlamaConfig) -> jax.Array:
+  """The norm after the last block."""
+  return rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
 
 
 def lm_logits(params: Params, hidden: jax.Array, config: LlamaConfig) -> jax.Array:
   """Float32 logits from final normed hidden states."""
   head = params["embed_tokens"]["embedding"] if config.tie_word_embeddings else params["lm_head"]["weight"]
-  return jnp.einsum("...d,vd->...v", hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+  return head_logits(hidden, head)
 
 
 def forward(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None,
             position_ids: jax.Array | None = None, *, config: LlamaConfig) -> jax.Array:
   """Logits ``[B, T, vocab]`` (float32): the pure function behind ``LlamaModel.__call__``."""
-  hidden, _ = run_layers(params, input_ids, attention_mask, position_ids, config=config)
-  return lm_logits(params, hidden, config)
+  x, inputs = embed_prompt(params, input_ids, attention_mask, position_ids, config)
+  h, _, _ = run_blocks(params, x, inputs, config)
+  return lm_logits(params, final_norm(params, h, config), config)
 
 
 forward_jit = jax.jit(forward, static_argnames=("config",))
@@ -402,14 +341,14 @@ def block_states(params: Params, input_ids: jax.Array, attention_mask: jax.Array
                  position_ids: jax.Array | None = None, *,
                  config: LlamaConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
   """``{"layers": (inputs, outputs)}``, each ``[L, B, T, D]``; block ``l``'s output is block ``l + 1``'s input."""
-  _, states = run_layers(params, input_ids, attention_mask, position_ids, config=config, collect=True)
+  x, inputs = embed_prompt(params, input_ids, attention_mask, position_ids, config)
+  _, _, states = run_blocks(params, x, inputs, config, observe=block_io)
   return {"layers": states}
 
 
-def _cov(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """``sum_t x_t x_t^T`` (float32) over the tokens where ``mask`` is 1; x ``[B, T, n]``."""
-  x = x.astype(jnp.float32) * mask.astype(jnp.float32)[..., None]
-  return jnp.einsum("bti,btj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+# Matrices reading the same input as a tapped one share its covariance.
+_SHARED_INPUT = {"self_attn/k_proj": "self_attn/q_proj", "self_attn/v_proj": "self_attn/q_proj",
+                 "mlp/up_proj": "mlp/gate_proj"}
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -417,32 +356,11 @@ def input_covariances(params: Params, input_ids: jax.Array, attention_mask: jax.
                       config: LlamaConfig) -> dict[str, jax.Array]:
   """``{matrix path: [L, in, in]}``: the sum of ``x x^T`` over real tokens of every constrained matrix's input.
 
-  q/k/v and gate/up share their input (the normed block input), so they share a covariance.
+  The block's ``taps``, reduced inside the scan (no ``[L, B, T, F]`` activations are kept); q/k/v and gate/up share
+  their input (the normed block input), so they share a covariance.
   """
-  eps = config.rms_norm_eps
-  token_mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
-  x = params["embed_tokens"]["embedding"][input_ids]
-  cos, sin = rope_tables(default_positions(input_ids, attention_mask), config, x.dtype)
-  mask = causal_mask(input_ids, attention_mask)
-
-  def body(h, p):
-    a = p["self_attn"]
-    normed = rms_norm(h, p["input_layernorm"]["scale"], eps)
-    c_in = _cov(normed, token_mask)
-    q, k, v = qkv(a, normed, cos, sin, config)
-    heads_out = attend(q, k, v, mask, config)
-    c_o = _cov(heads_out, token_mask)
-    h = h + linear(heads_out, a["o_proj"])
-    normed = rms_norm(h, p["post_attention_layernorm"]["scale"], eps)
-    c_mlp = _cov(normed, token_mask)
-    m = p["mlp"]
-    hidden = activation(config.hidden_act, linear(normed, m["gate_proj"])) * linear(normed, m["up_proj"])
-    c_down = _cov(hidden, token_mask)
-    return h + linear(hidden, m["down_proj"]), (c_in, c_o, c_mlp, c_down)
-
-  _, (c_in, c_o, c_mlp, c_down) = jax.lax.scan(body, x, params["layers"])
-  out = {f"layers/self_attn/{n}_proj/weight": c_in for n in ("q", "k", "v")}
-  out["layers/self_attn/o_proj/weight"] = c_o
-  out.update({f"layers/mlp/{n}_proj/weight": c_mlp for n in ("gate", "up")})
-  out["layers/mlp/down_proj/weight"] = c_down
-  return out
+  tokens = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+  x, inputs = embed_prompt(params, input_ids, attention_mask, None, config)
+  _, _, covs = run_blocks(params, x, inputs, config, observe=tap_covariances(tokens))
+  covs |= {name: covs[source] for name, source in _SHARED_INPUT.items()}
+  return {f"layers/{name}/weight": c for name, c in covs.items()}

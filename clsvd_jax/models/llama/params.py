@@ -7,20 +7,14 @@ with the blocks on a leading axis (``layers/self_attn/q_proj/weight`` [L, out, i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
+from clsvd_jax.models import common
+from clsvd_jax.models.common import Entry
 from clsvd_jax.models.llama.config import LlamaConfig
-
-
-class Entry(NamedTuple):
-  """One parameter: our path, the Hugging Face names that make it, and whether they are stacked per block."""
-
-  path: str
-  hf_names: tuple[str, ...]
-  stacked: bool
 
 
 def _layer_entries(config: LlamaConfig) -> Iterator[Entry]:
@@ -49,25 +43,12 @@ def key_map(config: LlamaConfig) -> list[Entry]:
   return entries
 
 
+def from_hf(config: LlamaConfig, get: Callable[[str], Any], stack: Callable[[list[Any]], Any] = np.stack
+            ) -> dict[str, Any]:
+  """``{path: array}`` from a tensor getter ``get(hf_name)`` (used by tests on a torch ``state_dict``)."""
+  return common.from_hf(key_map(config), get, stack)
+
+
 def to_hf(config: LlamaConfig, flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """``{hf_name: host array}`` from ``{path: array}`` (stacked arrays are split per block)."""
-  out: dict[str, np.ndarray] = {}
-  for entry in key_map(config):
-    value = flat[entry.path]
-    if entry.stacked:
-      host = _host(value)
-      for i, name in enumerate(entry.hf_names):
-        out[name] = np.ascontiguousarray(host[i])
-    else:
-      out[entry.hf_names[0]] = np.ascontiguousarray(_host(value))
-  return out
-
-
-def _host(value: Any) -> np.ndarray:
-  import jax
-
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    from jax.experimental import multihost_utils
-
-    value = multihost_utils.process_allgather(value, tiled=True)
-  return np.asarray(value)
+  return common.to_hf(key_map(config), flat, family="LLaMA")

@@ -20,9 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from clsvd_jax._src.tree_paths import flatten_with_paths
+from clsvd_jax.models import common
 from clsvd_jax.models.checkpoint import MissingTensorError
 from clsvd_jax.models.t5 import model as model_lib
 from clsvd_jax.models.t5 import params as t5_params
@@ -61,19 +60,6 @@ def init(config: T5Config, *, seed: int = 0, dtype: Any = jnp.float32) -> T5Mode
 def _reader_source(reader: Any) -> str:
   path = getattr(reader, "path", None)
   return str(path) if path is not None else "checkpoint"
-
-
-def _sharding(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh | None,
-              partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.Sharding | None:
-  """The project's partition-rule semantics (``clsvd_jax.parallel.rules``): first matching regex wins, its spec
-  covers the trailing dims (the stacked layer axis stays whole), logical axes map to mesh axes, and a dim its mesh
-  axes do not divide is replicated."""
-  if mesh is None:
-    return None
-  from clsvd_jax.parallel import rules as rules_lib  # models must not need the parallel package to import
-
-  rules = rules_lib.DEFAULT_RULES if partition_rules is None else tuple(partition_rules)
-  return jax.sharding.NamedSharding(mesh, rules_lib.spec_for(path, shape, mesh, rules))
 
 
 def _untie_if_distinct(reader: Any, config: T5Config, keys: set[str]) -> T5Config:
@@ -121,27 +107,15 @@ def load(reader: Any, config: T5Config, *, dtype: Any = jnp.float32, mesh: jax.s
   """
   keys = set(reader.keys())
   config = _untie_if_distinct(reader, config, keys)
-  shapes = flat_shapes(config)
-  shared_name = _shared_name(reader, keys)
-  flat = {}
-  for entry in t5_params.key_map(config):
-    shape = shapes[entry.path]
-    sharding = _sharding(entry.path, shape, mesh, partition_rules)
-    if entry.stacked:
-      flat[entry.path] = reader.get_stacked(entry.hf_names, dtype=dtype, sharding=sharding, expected_shape=shape[1:])
-    else:
-      name = shared_name if entry.path == "shared/embedding" else entry.hf_names[0]
-      flat[entry.path] = reader.get(name, dtype=dtype, sharding=sharding, expected_shape=shape)
+  flat = common.load_stacked(reader, t5_params.key_map(config), flat_shapes(config), dtype=dtype, mesh=mesh,
+                             partition_rules=partition_rules,
+                             rename={"shared/embedding": _shared_name(reader, keys)})
   return T5Model(config, t5_params.unflatten(flat))
 
 
 def export(model: T5Model) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """``(tensors by Hugging Face name, config.json dict)`` that transformers' ``T5ForConditionalGeneration`` loads."""
-  config = model.config
-  tensors = t5_params.to_hf(config, flatten_with_paths(model.params()))
-  hf_config = config_to_hf(config)
-  hf_config["dtype"] = jnp.dtype(model.dtype).name
-  return tensors, hf_config
+  return common.export(model, t5_params.to_hf, config_to_hf)
 
 
 def functional(model: T5Model) -> tuple[Callable[..., jax.Array], dict[str, Any]]:
@@ -156,10 +130,7 @@ def update_model(model: T5Model, params: dict[str, Any]) -> None:
   Raises:
     ValueError: naming the path of a missing, unexpected or misshaped parameter.
   """
-  check_params(model.config, params)
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
+  common.update_model(model, params, functools.partial(check_params, model.config))
 
 
 def block_hidden_states(model: T5Model, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
@@ -189,15 +160,15 @@ def matrix_input_covariances(model: T5Model, batches: Sequence[Mapping[str, Any]
       ``decoder_attention_mask`` (1 for real tokens).
   """
   as_ids = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-  total: dict[str, jax.Array] = {}
   params = model.params()
-  for i, batch in enumerate(batches):
+
+  def covariances(i: int, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     missing = [k for k in ("input_ids", "decoder_input_ids") if k not in batch]
     if missing:
       raise ValueError(f"T5 covariance batch {i} lacks {missing}; it needs input_ids and decoder_input_ids "
                        "(attention masks optional)")
-    covs = model_lib.input_covariances(params, as_ids(batch["input_ids"]), as_ids(batch["decoder_input_ids"]),
+    return model_lib.input_covariances(params, as_ids(batch["input_ids"]), as_ids(batch["decoder_input_ids"]),
                                        as_ids(batch.get("attention_mask")),
                                        as_ids(batch.get("decoder_attention_mask")), config=model.config)
-    total = covs if not total else {k: total[k] + v for k, v in covs.items()}
-  return total
+
+  return common.sum_over_batches(batches, covariances)

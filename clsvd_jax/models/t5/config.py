@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-# Activations T5 checkpoints use (``dense_act_fn``); the names are the Hugging Face ones.
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+from clsvd_jax.models.common import as_id_tuple
+from clsvd_jax.models.layers import ACTIVATIONS  # T5 checkpoints' ``dense_act_fn``; the Hugging Face names
 
 # Keys this module reads or writes itself; everything else of a config.json is carried through ``extra``.
 _OWN_KEYS = frozenset({
@@ -99,15 +99,7 @@ class T5Config:
   @property
   def eos_token_ids(self) -> tuple[int, ...]:
     """The end-of-sequence ids as a tuple (empty when the config has none)."""
-    return _as_id_tuple(self.eos_token_id)
-
-
-def _as_id_tuple(value: Any) -> tuple[int, ...]:
-  if value is None:
-    return ()
-  if isinstance(value, int | bool):
-    return (int(value),)
-  return tuple(int(v) for v in value)
+    return as_id_tuple(self.eos_token_id)
 
 
 def _parse_feed_forward_proj(value: str, source: str) -> tuple[bool, str]:

@@ -1,10 +1,11 @@
 """T5 encoder-decoder in Flax NNX, computing what transformers' PyTorch ``T5ForConditionalGeneration`` computes.
 
-The NNX modules only hold parameters; the network itself is a set of pure functions of a nested dict of arrays
-(``forward``, ``encode``, ``decode``), so ``model(...)``, the functional interface used by the runner and the
-sharding code, and greedy decoding all run the same code. Layers are stacked on a leading axis and run with
-``jax.lax.scan``: one compiled block per stack whatever the depth, and every matrix of a kind is one [L, out, in]
-array for the batched SVD of the subspace code.
+The NNX modules only hold parameters; the network itself is a set of pure functions of a nested dict of arrays.
+``encoder_block`` and ``decoder_block`` are written once: ``forward`` (``model(...)``, the runner's functional
+interface), the block hidden states, the input covariances (their ``taps``) and greedy decoding (the decoder block's
+``KVCache``) all run them through ``clsvd_jax.models.layers.scan_blocks``. Layers are stacked on a leading axis
+and run with ``jax.lax.scan``: one compiled block per stack whatever the depth, and every matrix of a kind is one
+[L, out, in] array for the batched SVD of the subspace code.
 
 What parity with the reference depends on:
 * the relative position bias is computed once per stack (by the first block in the reference) and added to the
@@ -24,37 +25,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from clsvd_jax.models import common, layers
+from clsvd_jax.models.common import Params
+from clsvd_jax.models.layers import Embed, KVCache, Linear, RMSNorm, Taps, activation, block_io, linear, scan_blocks
 from clsvd_jax.models.t5.config import T5Config
-
-Params = dict[str, Any]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameter containers (NNX). Attribute names are the parameter paths of the library's contract.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class Linear(nnx.Module):
-  """A bias-free linear map with its weight in Hugging Face orientation ``[..., out, in]`` (``y = x @ W.T``)."""
-
-  def __init__(self, p: Mapping[str, Any]):
-    self.weight = nnx.Param(p["weight"])
-
-
-class RMSNorm(nnx.Module):
-  """T5 layer norm scale."""
-
-  def __init__(self, p: Mapping[str, Any]):
-    self.scale = nnx.Param(p["scale"])
-
-
-class Embed(nnx.Module):
-  """An embedding table ``[rows, features]``."""
-
-  def __init__(self, p: Mapping[str, Any]):
-    self.embedding = nnx.Param(p["embedding"])
 
 
 class Attention(nnx.Module):
@@ -170,47 +150,22 @@ def param_shapes(config: T5Config) -> Params:
   return shapes
 
 
-def _is_shape(x: Any) -> bool:
-  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def flat_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
   """``{"a/b/c": shape}`` for every parameter of this config."""
-  out = {}
-
-  def walk(prefix: str, node: Any):
-    if _is_shape(node):
-      out[prefix] = node
-      return
-    for k, v in node.items():
-      walk(f"{prefix}/{k}" if prefix else k, v)
-
-  walk("", param_shapes(config))
-  return out
+  return common.flatten_shapes(param_shapes(config))
 
 
 def check_params(config: T5Config, params: Mapping[str, Any]) -> None:
   """Raises ``ValueError`` naming the first parameter path that is missing, unexpected or of the wrong shape."""
-  from clsvd_jax._src.tree_paths import flatten_with_paths
-
-  want = flat_shapes(config)
-  have = flatten_with_paths(params)
-  for path, shape in want.items():
-    if path not in have:
-      raise ValueError(f"T5 parameters lack {path!r} (expected shape {shape})")
-    if tuple(np.shape(have[path])) != shape:
-      raise ValueError(f"T5 parameter {path!r} has shape {tuple(np.shape(have[path]))}, expected {shape}")
-  extra = sorted(set(have) - set(want))
-  if extra:
-    raise ValueError(f"T5 parameters hold unexpected entries {extra} for this config "
-                     f"(tie_word_embeddings={config.tie_word_embeddings}, is_gated_act={config.is_gated_act})")
+  common.check_params(flat_shapes(config), params, family="T5",
+                      hint=f"tie_word_embeddings={config.tie_word_embeddings}, is_gated_act={config.is_gated_act}")
 
 
-def _init_std(config: T5Config, path: str) -> float | None:
-  """Standard deviation of the normal initialisation of T5 (None: ones, for norms)."""
+def _init_std(config: T5Config, path: str) -> common.Init:
+  """How a parameter of T5 starts: a normal draw with a fan-in based scale; norms at one."""
   d, f, inner = config.d_model, config.d_ff, config.inner_dim
   if path.endswith("/scale"):
-    return None
+    return "ones"
   if path in ("shared/embedding", "lm_head/weight"):
     return 1.0
   if path.endswith("relative_attention_bias/embedding"):
@@ -228,23 +183,7 @@ def init_params(config: T5Config, *, seed: int = 0, dtype: Any = jnp.float32) ->
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _init_params(config: T5Config, seed: jax.Array, dtype: Any) -> Params:
-  # One draw for all tensors, sliced afterwards: a separate draw per tensor costs seconds of CPU compile time.
-  flat = flat_shapes(config)
-  sizes = [math.prod(shape) for shape in flat.values()]
-  noise = jax.random.normal(jax.random.key(seed), (sum(sizes),), jnp.float32)
-  out: Params = {}
-  offset = 0
-  for (path, shape), size in zip(flat.items(), sizes, strict=True):
-    std = _init_std(config, path)
-    draw = noise[offset:offset + size].reshape(shape)
-    offset += size
-    value = jnp.ones(shape, dtype) if std is None else (std * draw).astype(dtype)
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
+  return common.random_params(flat_shapes(config), functools.partial(_init_std, config), seed, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,81 +227,38 @@ def position_bias(table: jax.Array, query_positions: jax.Array, key_length: int,
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """T5 layer norm: ``scale * x / rms(x)``, the mean of squares accumulated in float32, no centring, no bias."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  # Like the reference: normalised values take the scale's dtype before the multiply (a no-op in float32).
-  return scale * y.astype(scale.dtype)
-
-
-def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
-  """``x @ weight.T`` for a ``[out, in]`` weight."""
-  return jnp.einsum("...i,oi->...o", x, weight)
-
-
-def activation(name: str, x: jax.Array) -> jax.Array:
-  """The ``dense_act_fn`` of the config."""
-  if name == "relu":
-    return jax.nn.relu(x)
-  if name == "gelu":
-    return jax.nn.gelu(x, approximate=False)
-  if name in ("gelu_new", "gelu_pytorch_tanh"):
-    return jax.nn.gelu(x, approximate=True)
-  if name in ("silu", "swish"):
-    return jax.nn.silu(x)
-  raise ValueError(f"unsupported T5 activation {name!r}")
+  """T5 layer norm: ``scale * x / rms(x)``, no centring, no bias; like the reference, the normalised values take the
+  scale's dtype before the multiply (a no-op in float32)."""
+  return layers.rms_norm(x, scale, eps, normed_dtype=scale.dtype)
 
 
 def _heads(x: jax.Array, config: T5Config) -> jax.Array:
   return x.reshape(*x.shape[:-1], config.num_heads, config.d_kv)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array | None) -> jax.Array:
-  """Unscaled dot-product attention.
-
-  Args:
-    q: ``[B, Tq, H, dk]``; k, v: ``[B, Tk, H, dk]``.
-    bias: additive ``[1|B, H, Tq, Tk]`` or None.
-    mask: boolean, broadcastable to ``[B, H, Tq, Tk]``; False keys get no weight. A row without any allowed key
-      averages all keys (as the reference's additive minimum does) instead of producing NaN.
-
-  Returns:
-    ``[B, Tq, H * dk]`` in ``q``'s dtype.
-  """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-  return out.reshape(*out.shape[:2], -1)
-
-
-Taps = dict[str, jax.Array] | None
-
-
 def _feed_forward(p: Params, x: jax.Array, config: T5Config, taps: Taps = None) -> jax.Array:
   if config.is_gated_act:
-    h = activation(config.dense_act_fn, linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
+    h = activation(config.dense_act_fn, linear(x, p["wi_0"])) * linear(x, p["wi_1"])
   else:
-    h = activation(config.dense_act_fn, linear(x, p["wi"]["weight"]))
+    h = activation(config.dense_act_fn, linear(x, p["wi"]))
   h = h.astype(p["wo"]["weight"].dtype)
   if taps is not None:
     taps.update({name: x for name in p if name != "wo"}, wo=h)
-  return linear(h, p["wo"]["weight"])
+  return linear(h, p["wo"])
 
 
 def _attention(p: Params, x: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array | None,
                mask: jax.Array | None, config: T5Config, taps: Taps = None) -> jax.Array:
-  heads = attend(_heads(linear(x, p["q"]["weight"]), config), keys, values, bias, mask)
+  """Unscaled attention of ``x``'s queries over ``keys``/``values`` (T5 folds the scale into ``q``'s init)."""
+  heads = layers.attend(_heads(linear(x, p["q"]), config), keys, values, mask, bias=bias)
   if taps is not None:
     taps.update(q=x, o=heads)
-  return linear(heads, p["o"]["weight"])
+  return linear(heads, p["o"])
 
 
-def _kv(p: Params, x: jax.Array, config: T5Config) -> tuple[jax.Array, jax.Array]:
-  return _heads(linear(x, p["k"]["weight"]), config), _heads(linear(x, p["v"]["weight"]), config)
+def kv(p: Params, x: jax.Array, config: T5Config) -> tuple[jax.Array, jax.Array]:
+  """Keys and values ``[B, S, H, d_kv]`` of one attention block's parameters ``p`` over states ``x``."""
+  return _heads(linear(x, p["k"]), config), _heads(linear(x, p["v"]), config)
 
 
 def _prefixed(taps: dict[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
@@ -370,75 +266,89 @@ def _prefixed(taps: dict[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
 
 
 def encoder_block(p: Params, h: jax.Array, *, bias: jax.Array, mask: jax.Array | None, config: T5Config,
-                  taps: Taps = None) -> jax.Array:
+                  cache: None = None, layer: jax.Array | None = None, taps: Taps = None) -> tuple[jax.Array, None]:
   """One encoder block. With ``taps`` (a dict), records the input of every matrix under ``"self_attn/q"``, ...
-  (``k``/``v`` share ``q``'s input and are not repeated; see ``input_covariances``)."""
+  (``k``/``v`` share ``q``'s input and are not repeated; see ``input_covariances``). ``cache`` and ``layer`` are
+  the ``scan_blocks`` protocol (the encoder has no cache)."""
+  del cache, layer
   eps = config.layer_norm_epsilon
   attn_taps, mlp_taps = ({}, {}) if taps is not None else (None, None)
   x = rms_norm(h, p["self_attn_norm"]["scale"], eps)
-  h = h + _attention(p["self_attn"], x, *_kv(p["self_attn"], x, config), bias, mask, config, attn_taps)
+  h = h + _attention(p["self_attn"], x, *kv(p["self_attn"], x, config), bias, mask, config, attn_taps)
   h = h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config, mlp_taps)
   if taps is not None:
     taps.update(_prefixed(attn_taps, "self_attn") | _prefixed(mlp_taps, "mlp"))
-  return h
+  return h, None
 
 
-def decoder_block(p: Params, h: jax.Array, *, bias: jax.Array, self_mask: jax.Array | None,
-                  encoder_states: jax.Array, cross_mask: jax.Array | None, config: T5Config,
-                  taps: Taps = None) -> jax.Array:
-  """One decoder block over a whole target sequence (taps as in ``encoder_block``; the cross-attention ``k``/``v``
-  input is ``encoder_states`` and is not recorded)."""
+def decoder_block(p: Params, h: jax.Array, *, bias: jax.Array, self_mask: jax.Array,
+                  cross: tuple[jax.Array, jax.Array], cross_mask: jax.Array | None, config: T5Config,
+                  cache: KVCache | None = None, layer: jax.Array | None = None,
+                  taps: Taps = None) -> tuple[jax.Array, KVCache | None]:
+  """One decoder block: causal self-attention, cross-attention, feed forward.
+
+  Args:
+    p: one layer's parameters.
+    h: decoder states ``[B, T, D]``.
+    bias: the self-attention position bias ``[1, H, T, S]``.
+    self_mask: boolean ``[B|1, T, S]`` over self-attention keys.
+    cross: this block's cross-attention keys and values ``[B, S_enc, H, d_kv]`` (``kv`` of the encoder output).
+    cross_mask: boolean ``[B, 1, S_enc]`` over encoder tokens, or None.
+    config: the config.
+    cache: with a ``KVCache``, the self-attention keys and values go to the cache's slot and attention reads all its
+      slots (cached decoding); without one, the call's own.
+    layer: this block's index (to address the cache).
+    taps: as in ``encoder_block``; the cross-attention ``k``/``v`` input (the encoder output) is not recorded.
+  """
   eps = config.layer_norm_epsilon
   self_taps, cross_taps, mlp_taps = ({}, {}, {}) if taps is not None else (None, None, None)
   x = rms_norm(h, p["self_attn_norm"]["scale"], eps)
-  h = h + _attention(p["self_attn"], x, *_kv(p["self_attn"], x, config), bias, self_mask, config, self_taps)
-  ca = p["cross_attn"]
+  k, v = kv(p["self_attn"], x, config)
+  if cache is not None:
+    cache, k, v = cache.write(layer, k, v)
+  h = h + _attention(p["self_attn"], x, k, v, bias, self_mask, config, self_taps)
   x = rms_norm(h, p["cross_attn_norm"]["scale"], eps)
-  h = h + _attention(ca, x, *_kv(ca, encoder_states, config), None, cross_mask, config, cross_taps)
+  h = h + _attention(p["cross_attn"], x, *cross, None, cross_mask, config, cross_taps)
   h = h + _feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"]["scale"], eps), config, mlp_taps)
   if taps is not None:
     taps.update(_prefixed(self_taps, "self_attn") | _prefixed(cross_taps, "cross_attn") | _prefixed(mlp_taps, "mlp"))
-  return h
+  return h, cache
 
 
-def _run_blocks(layers: Params, x: jax.Array, block_fn: Any, collect: bool) -> tuple[jax.Array, Any]:
-  """Scans ``block_fn(layer_params, x) -> x`` over the stacked layers; ys = (input, output) per block if asked."""
-
-  def body(h, p):
-    out = block_fn(p, h)
-    return out, ((h, out) if collect else None)
-
-  return jax.lax.scan(body, x, layers)
-
-
-def _key_mask(mask: jax.Array | None) -> jax.Array | None:
-  """[B, T] padding mask -> boolean [B, 1, 1, T] over keys."""
-  return None if mask is None else (mask.astype(bool))[:, None, None, :]
+def key_mask(mask: jax.Array | None) -> jax.Array | None:
+  """[B, T] padding mask -> boolean [B, 1, T] over keys."""
+  return None if mask is None else mask.astype(bool)[:, None, :]
 
 
 def _encoder_setup(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None, config: T5Config):
   length = input_ids.shape[1]
   bias = position_bias(params["encoder"]["relative_attention_bias"]["embedding"], jnp.arange(length), length,
                        bidirectional=True, config=config)
-  return params["shared"]["embedding"][input_ids], bias, _key_mask(attention_mask)
+  block = functools.partial(encoder_block, bias=bias, mask=key_mask(attention_mask), config=config)
+  return params["shared"]["embedding"][input_ids], block
 
 
 def _decoder_setup(params: Params, decoder_input_ids: jax.Array, decoder_attention_mask: jax.Array | None,
-                   config: T5Config):
+                   encoder_states: jax.Array, attention_mask: jax.Array | None, config: T5Config):
   length = decoder_input_ids.shape[1]
   bias = position_bias(params["decoder"]["relative_attention_bias"]["embedding"], jnp.arange(length), length,
                        bidirectional=False, config=config)
-  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-  self_mask = causal if decoder_attention_mask is None else causal & _key_mask(decoder_attention_mask)
-  return params["shared"]["embedding"][decoder_input_ids], bias, self_mask
+  causal = jnp.tril(jnp.ones((length, length), bool))[None]
+  self_mask = causal if decoder_attention_mask is None else causal & key_mask(decoder_attention_mask)
+
+  def block(p, h, **kw):
+    # The cross-attention keys and values of this block, from the encoder output.
+    return decoder_block(p, h, bias=bias, self_mask=self_mask, cross=kv(p["cross_attn"], encoder_states, config),
+                         cross_mask=key_mask(attention_mask), config=config, **kw)
+
+  return params["shared"]["embedding"][decoder_input_ids], block
 
 
 def encode(params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, config: T5Config,
            collect: bool = False) -> tuple[jax.Array, Any]:
   """Encoder: returns the final hidden states ``[B, S, D]`` and, with ``collect``, per-block (inputs, outputs)."""
-  x, bias, mask = _encoder_setup(params, input_ids, attention_mask, config)
-  block = lambda p, h: encoder_block(p, h, bias=bias, mask=mask, config=config)
-  x, states = _run_blocks(params["encoder"]["layers"], x, block, collect)
+  x, block = _encoder_setup(params, input_ids, attention_mask, config)
+  x, _, states = scan_blocks(block, params["encoder"]["layers"], x, observe=block_io if collect else None)
   return rms_norm(x, params["encoder"]["final_norm"]["scale"], config.layer_norm_epsilon), states
 
 
@@ -446,11 +356,8 @@ def decode(params: Params, decoder_input_ids: jax.Array, encoder_states: jax.Arr
            attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
            config: T5Config, collect: bool = False) -> tuple[jax.Array, Any]:
   """Decoder over a whole target sequence (teacher forcing): final hidden states ``[B, T, D]`` (+ block states)."""
-  x, bias, self_mask = _decoder_setup(params, decoder_input_ids, decoder_attention_mask, config)
-  cross_mask = _key_mask(attention_mask)
-  block = lambda p, h: decoder_block(p, h, bias=bias, self_mask=self_mask, encoder_states=encoder_states,
-                                     cross_mask=cross_mask, config=config)
-  x, states = _run_blocks(params["decoder"]["layers"], x, block, collect)
+  x, block = _decoder_setup(params, decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask, config)
+  x, _, states = scan_blocks(block, params["decoder"]["layers"], x, observe=block_io if collect else None)
   return rms_norm(x, params["decoder"]["final_norm"]["scale"], config.layer_norm_epsilon), states
 
 
@@ -459,7 +366,7 @@ def lm_logits(params: Params, hidden: jax.Array, config: T5Config) -> jax.Array:
   if config.scale_decoder_outputs:
     hidden = hidden * (config.d_model**-0.5)
   head = params["shared"]["embedding"] if config.tie_word_embeddings else params["lm_head"]["weight"]
-  return jnp.einsum("...d,vd->...v", hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+  return layers.head_logits(hidden, head)
 
 
 def forward(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Array,
@@ -488,57 +395,32 @@ def block_states(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Ar
   return {"encoder/layers": enc_states, "decoder/layers": dec_states}
 
 
-def _cov(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """``sum_t x_t x_t^T`` in float32 over the tokens where ``mask`` is 1; x ``[B, T, n]``."""
-  x = x.astype(jnp.float32) * mask.astype(jnp.float32)[..., None]
-  return jnp.einsum("bti,btj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def input_covariances(params: Params, input_ids: jax.Array, decoder_input_ids: jax.Array,
                       attention_mask: jax.Array | None = None, decoder_attention_mask: jax.Array | None = None, *,
                       config: T5Config) -> dict[str, jax.Array]:
   """``{matrix path: [L, in, in]}``: sum of ``x x^T`` over the real tokens of every constrained matrix's input.
 
-  The statistic of the ``activations`` basis source (DESIGN 4b), taken in the same pass as the forward. Matrices
-  sharing an input share its covariance (q/k/v; ``wi_0``/``wi_1``); the decoder's cross-attention ``k``/``v`` read
-  the encoder output, whose covariance is summed over the encoder's real tokens.
+  The statistic of the ``activations`` basis source (DESIGN 4b): the blocks' ``taps``, reduced inside the scans.
+  Matrices sharing an input share its covariance (q/k/v; ``wi_0``/``wi_1``); the decoder's cross-attention ``k``/``v``
+  read the encoder output, whose covariance is summed over the encoder's real tokens.
   """
   enc_tokens = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
   dec_tokens = (jnp.ones(decoder_input_ids.shape, jnp.int32) if decoder_attention_mask is None
                 else decoder_attention_mask)
-
-  def covariances(taps: dict[str, jax.Array], tokens: jax.Array) -> dict[str, jax.Array]:
-    return {name: _cov(x, tokens) for name, x in taps.items()}
-
-  x, bias, mask = _encoder_setup(params, input_ids, attention_mask, config)
-
-  def enc_body(h, p):
-    taps: dict[str, jax.Array] = {}
-    out = encoder_block(p, h, bias=bias, mask=mask, config=config, taps=taps)
-    return out, covariances(taps, enc_tokens)
-
-  x, enc_covs = jax.lax.scan(enc_body, x, params["encoder"]["layers"])
+  x, block = _encoder_setup(params, input_ids, attention_mask, config)
+  x, _, enc_covs = scan_blocks(block, params["encoder"]["layers"], x, observe=layers.tap_covariances(enc_tokens))
   enc = rms_norm(x, params["encoder"]["final_norm"]["scale"], config.layer_norm_epsilon)
-  x, bias, self_mask = _decoder_setup(params, decoder_input_ids, decoder_attention_mask, config)
-  cross_mask = _key_mask(attention_mask)
-
-  def dec_body(h, p):
-    taps: dict[str, jax.Array] = {}
-    out = decoder_block(p, h, bias=bias, self_mask=self_mask, encoder_states=enc, cross_mask=cross_mask,
-                        config=config, taps=taps)
-    return out, covariances(taps, dec_tokens)
-
-  _, dec_covs = jax.lax.scan(dec_body, x, params["decoder"]["layers"])
+  x, block = _decoder_setup(params, decoder_input_ids, decoder_attention_mask, enc, attention_mask, config)
+  _, _, dec_covs = scan_blocks(block, params["decoder"]["layers"], x, observe=layers.tap_covariances(dec_tokens))
   out = {}
   for stack, covs in (("encoder", enc_covs), ("decoder", dec_covs)):
     for name, c in covs.items():
       out[f"{stack}/layers/{name}/weight"] = c
     out[f"{stack}/layers/self_attn/k/weight"] = out[f"{stack}/layers/self_attn/v/weight"] = covs["self_attn/q"]
-  enc_cov = _cov(enc, enc_tokens)
-  layers = config.num_decoder_layers
+  enc_cov = layers.covariance(enc, enc_tokens)
   out["decoder/layers/cross_attn/k/weight"] = out["decoder/layers/cross_attn/v/weight"] = jnp.broadcast_to(
-    enc_cov, (layers, *enc_cov.shape))
+    enc_cov, (config.num_decoder_layers, *enc_cov.shape))
   return out
 
 

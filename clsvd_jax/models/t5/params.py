@@ -10,20 +10,14 @@ self-attention, ``layer.1`` cross-attention and ``layer.2`` the feed forward; in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
+from clsvd_jax.models import common
+from clsvd_jax.models.common import Entry
+from clsvd_jax.models.common import unflatten as unflatten  # tests and the family build params with it
 from clsvd_jax.models.t5.config import T5Config
-
-
-class Entry(NamedTuple):
-  """One parameter: our path, the Hugging Face names that make it, and whether they are stacked per block."""
-
-  path: str
-  hf_names: tuple[str, ...]
-  stacked: bool
-
 
 _ATTN_HF = {"self_attn": "SelfAttention", "cross_attn": "EncDecAttention"}
 
@@ -66,38 +60,10 @@ SHARED_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed
 
 def to_hf(config: T5Config, flat_params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Unstacks ``{path: array}`` into ``{hf_name: np.ndarray}`` (host copies, dtype kept)."""
-  out: dict[str, np.ndarray] = {}
-  for entry in key_map(config):
-    if entry.path not in flat_params:
-      raise KeyError(f"T5 export: parameter {entry.path!r} is missing from the model")
-    value = np.asarray(flat_params[entry.path])
-    if entry.stacked:
-      for i, name in enumerate(entry.hf_names):
-        out[name] = np.ascontiguousarray(value[i])
-    else:
-      out[entry.hf_names[0]] = value
-  return out
+  return common.to_hf(key_map(config), flat_params, family="T5")
 
 
 def from_hf(config: T5Config, get: Callable[[str], Any], stack: Callable[[list[Any]], Any] = np.stack
             ) -> dict[str, Any]:
   """Builds ``{path: array}`` from a tensor getter ``get(hf_name)`` (used by tests on a torch ``state_dict``)."""
-  flat = {}
-  for entry in key_map(config):
-    if entry.stacked:
-      flat[entry.path] = stack([get(n) for n in entry.hf_names])
-    else:
-      flat[entry.path] = get(entry.hf_names[0])
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-  out: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
+  return common.from_hf(key_map(config), get, stack)
