@@ -69,6 +69,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -316,8 +317,12 @@ def run_torch(setting: Setting, fractions: tuple[float, ...], steps: int) -> lis
 
 
 def peer_available() -> bool:
-  """Whether peft and torch are installed (looked up, not imported: importing them takes seconds)."""
-  return all(importlib.util.find_spec(name) is not None for name in ("peft", "torch", "transformers"))
+  """Whether torch, transformers and a peft with the OSF tuner are installed (looked up, not imported: importing
+  them takes seconds)."""
+  specs = [importlib.util.find_spec(name) for name in ("peft", "torch", "transformers")]
+  if any(s is None for s in specs):
+    return False
+  return any((Path(root) / "tuners" / "osf").is_dir() for root in specs[0].submodule_search_locations or ())
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
   ap.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
   ap.add_argument("--json", action="store_true", help="print JSON lines instead of the markdown table")
-  ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per framework")
+  ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds allowed per framework")
   args = ap.parse_args(argv)
   args.steps = args.steps or (3 if args.quick else 50)
   setting = QUICK if args.quick else FULL
