@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 QUICK_ARGS = {
-    "peers": ["--quick"],
+    "peers": ["--quick", "--json"],
     "overhead": ["--d", "32", "--layers", "2", "--tokens", "256", "--repeats", "3"],
     "precision": ["--d", "32", "--layers", "2", "--tokens", "256", "--steps", "5", "--repeats", "2", "--json"],
     "boundary": ["--quick"],
