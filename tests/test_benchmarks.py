@@ -63,3 +63,7 @@ def test_peers_quick_compares_each_framework_with_its_own_plain_run():
     assert con["memory_ratio"] < peer["peft OSF"]["memory_ratio"]
   table = peers.markdown(rows)
   assert table.count("\n") == len(rows) + 1 and "constrained(adamw) | 50%" in table
+  # make bench's summary: our rows against the targets; the leak row says the target is met.
+  summary = _module("report").table({"peers": rows})
+  leak_row = next(line for line in summary.splitlines() if line.startswith("| peers | leak after 3 steps, 50%"))
+  assert leak_row.endswith("| <= 1e-5 | yes |")
