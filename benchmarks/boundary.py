@@ -14,8 +14,8 @@ jitted ``constrained(adamw)`` step on batches of the config's shapes (byte-level
 a thin float32 SVD alone, the exact boundary solver (``compute_subspaces``: SVD of the complement part plus an
 eigendecomposition of a d x d matrix per side to assemble the stored bases) at the paper's typical first-task rank,
 and the randomized solver (``solver="randomized"``) for 1-25% new directions. Single calls (each runs for tens of
-seconds to minutes on a CPU); the first call of a program includes its compilation, a second 4096 x 4096 call
-measures that share.
+seconds to minutes on a CPU) in wall and CPU seconds; a call that compiles includes its compilation (a few CPU
+seconds, see the randomized solver's ``_first`` calls), negligible next to the exact decompositions.
 
 ``accuracy``: the randomized solver against float64 SVD on matrices with power-law spectra s_i ~ i^-a, a = 0.3
 (flat, like MLP weights: the top 10% of directions hold ~40% of the energy) and a = 0.6 (steeper, like attention
@@ -223,8 +223,6 @@ def llama7b_part(shapes: tuple[tuple[int, int], ...], counts: tuple[float, ...],
     if exact:
       k = int(protected * r)
       runs.append(("exact", lambda k=k, p=params: cj.compute_subspaces(p, {"w": k}, max_rank_ratio=0.8)))
-      if (m, n) == shapes[0]:  # the same program again: what the first call spent compiling
-        runs.append(("exact_again", runs[-1][1]))
       # The randomized solver at that rank takes its exact fallback (thin SVD) but assembles by QR: no d x d eigh.
       runs.append(("fallback_qr", lambda k=k, p=params: cj.compute_subspaces(p, {"w": k}, max_rank_ratio=0.8,
                                                                             solver="randomized")))
