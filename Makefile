@@ -28,7 +28,8 @@ demo: $(STAMP)
 	$(VENV)/bin/clsvd demo --out runs/demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/overhead.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs

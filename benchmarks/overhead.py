@@ -1,7 +1,7 @@
 """Step-time and memory overhead of ``constrained(adamw)`` over plain ``adamw`` on a LLaMA-shaped stack.
 
-Model: ``layers`` transformer-like blocks of width ``d`` (q, k, v, o: d x d; gate, up: f x d; down: d x f with
-f = 2.6875 d as in LLaMA), the attention softmax replaced by an element-wise gate; ``tokens`` tokens per optimizer
+Model: ``layers`` pre-norm transformer-like blocks of width ``d`` (q, k, v, o: d x d; gate, up: f x d; down: d x f
+with f = 2.6875 d as in LLaMA), the attention softmax replaced by an element-wise gate; ``tokens`` tokens per optimizer
 step (d / tokens = 1/16 as for a 7B model trained on 64 x 1024-token batches).
 
 Expected overhead. One projection of an m x n update with c_l, c_r stored columns costs 4 m n (c_l + c_r) flops
@@ -45,11 +45,18 @@ def make_params(d: int, layers: int, key: jax.Array) -> dict:
           zip(shapes.items(), keys)}
 
 
+def rms_norm(h: jax.Array) -> jax.Array:
+  return h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+
+
 def loss_fn(params: dict, x: jax.Array) -> jax.Array:
+  # Pre-norm blocks as in LLaMA: without the norms the residual stream overflows float32 past a few layers.
   def block(h, w):
-    q, k, v = h @ w["q"].T, h @ w["k"].T, h @ w["v"].T
+    a = rms_norm(h)
+    q, k, v = a @ w["q"].T, a @ w["k"].T, a @ w["v"].T
     h = h + (q * jax.nn.sigmoid(k) * v) @ w["o"].T
-    return h + (jax.nn.silu(h @ w["gate"].T) * (h @ w["up"].T)) @ w["down"].T, None
+    a = rms_norm(h)
+    return h + (jax.nn.silu(a @ w["gate"].T) * (a @ w["up"].T)) @ w["down"].T, None
 
   h, _ = jax.lax.scan(block, x, params)
   return jnp.mean(h**2)

@@ -434,7 +434,7 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
                       capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0,
                       dtype: Any = jnp.float32, return_singular_values: bool = False,
                       covariances: Mapping[str, Any] | None = None,
-                      axes: matrix_axes.AxesSpec = None) -> Any:
+                      axes: matrix_axes.AxesSpec = None, solver: str = "exact") -> Any:
   """Protected subspaces for the selected matrices of ``params``.
 
   The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
@@ -463,6 +463,8 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
       weights (the paper's source).
     axes: which axes of each parameter are its input and output (``clsvd_jax.MatrixAxes``; default: ``[in, out]``
       for a 2-D Flax ``kernel``, ``[..., out, in]`` otherwise). Give ``constrained`` the same.
+    solver: ``exact`` (full SVD / eigh) or ``randomized`` (``clsvd_jax._src.randomized``: randomized subspace
+      iteration for the new directions and QR assembly of the bases, no d x d solve; for large matrices).
 
   Returns:
     A tree shaped like ``params`` (nnx Variables unwrapped) with a ``Subspace`` of the ``[..., out, in]`` matrix at
@@ -473,6 +475,8 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
       min(m, n), ranks shrink from ``previous``, ``previous`` does not match ``params`` or names parameters it
       lacks, a weight or covariance holds NaN / Inf, a capacity is negative, or a rank does not fit the capacity.
   """
+  if solver not in ("exact", "randomized"):
+    raise ValueError(f"solver must be 'exact' or 'randomized', got {solver!r}")
   by_path = ranks_by_path(params, ranks)
   param_paths = tree_paths.flatten_with_paths(params)
   matrix_axes.check_axes_paths(axes, param_paths)
@@ -530,8 +534,13 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     if cov is not None and not _all_finite(jnp.asarray(cov)):
       raise ValueError(f"input covariance of {path!r} holds NaN or Inf: the calibration pass overflowed or saw "
                        "non-finite activations")
-    sub, svals = accumulate(w_mat, jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
-                            None if cov is None else jnp.asarray(cov))
+    if solver == "randomized":
+      from clsvd_jax._src import randomized  # imports this module
+
+      sub, svals = randomized.accumulate(w_mat, k_arr, prev, dtype, cov)
+    else:
+      sub, svals = accumulate(w_mat, jnp.asarray(k_arr, jnp.int32), prev, tuple(cap), dtype,
+                              None if cov is None else jnp.asarray(cov))
     singular_values[path] = svals
     return sub
 
