@@ -191,6 +191,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   if options:
     print(options)
     print()
+  ranks = outputs.format_rank_table(results, title="rank classification (accuracy %: the likeliest label option)")
+  if ranks:
+    print(ranks)
+    print()
   print(outputs.format_summary(results))
   print()
   print(outputs.format_ranks(results))
