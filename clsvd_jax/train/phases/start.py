@@ -88,6 +88,20 @@ def restore_params(config: RunConfig, prepared: Prepared, where: str | os.PathLi
   Raises:
     CheckpointError: the folder holds no usable checkpoint.
   """
+  return restore_arrays(config, prepared, where, model_params=True)
+
+
+def restore_arrays(config: RunConfig, prepared: Prepared, where: str | os.PathLike[str], *,
+                   model_params: bool = False) -> ckpt_lib.Loaded:
+  """The arrays (``TrainState``) of a checkpoint of a run of ``config``, on one device.
+
+  Args:
+    where: a checkpoint folder (``step_*``, used as it is) or a run directory (its newest usable checkpoint).
+    model_params: return the model parameters the method evaluates (``MethodHooks.eval_params``) instead.
+
+  Raises:
+    CheckpointError: the folder holds no usable checkpoint.
+  """
   method = get_method(config.method)
   config = method.resolve_config(config)
   apply_fn, params = model_io.functional(prepared.model)
@@ -104,7 +118,8 @@ def restore_params(config: RunConfig, prepared: Prepared, where: str | os.PathLi
     full = set(meta.get("anchor_paths") or [])
     anchor = {p: jnp.zeros(shapes[p] if p in full else (), jnp.float32) for p in constrained}
     target = TrainState(trained, opt_state, anchor, rng, method_arrays).to_tree()
-    return hooks.eval_params(TrainState.from_tree(ckpt_lib.restore(path, target)))
+    arrays = TrainState.from_tree(ckpt_lib.restore(path, target))
+    return hooks.eval_params(arrays) if model_params else arrays
 
   path = ckpt_lib.run_path(where)
   if (path / ckpt_lib.META).is_file():
