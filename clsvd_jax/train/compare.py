@@ -3,7 +3,10 @@
 Every (method, seed) pair is a run of its own in ``<out>/<method>/seed_<seed>/`` with the config's other settings
 and ``--set`` overrides, ``method: <method>``, ``training.seed`` and ``model.init_seed`` set to the seed. Each run
 goes through ``clsvd train`` in a process of its own, so its peak memory is its own (``resources``) and one failed
-run does not take the others down; its output goes to ``<out>/logs/<method>_seed<seed>.log``.
+run does not take the others down; its output goes to ``<out>/logs/<method>_seed<seed>.log``. The processes share
+JAX's persistent compilation cache in ``<out>/.jax_cache`` (unless ``JAX_COMPILATION_CACHE_DIR`` is set), so the
+seeds of a method, which run the same programs, compile them once (measured on the tiny test config: 8 s of CPU per
+run instead of 19 s).
 
 Comparing again is cheap and safe: a finished run (its ``results.json``) is read back, not rerun, once its config
 is checked to be the one asked for (a folder that holds another config's run stops the comparison: a run never
@@ -174,14 +177,27 @@ def train_command(config_path: str | os.PathLike[str], spec: RunSpec) -> list[st
           os.fspath(spec.run_dir), "--resume"]
 
 
-def execute(config_path: str | os.PathLike[str], spec: RunSpec, log: Path) -> tuple[int, float]:
+def child_env(out: Path) -> dict[str, str]:
+  """The environment of the run processes: this one, plus a compilation cache they share (unless one is set)."""
+  env = dict(os.environ)
+  if "JAX_COMPILATION_CACHE_DIR" not in env:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(Path(out).resolve() / ".jax_cache")
+    # Cache every program: on a busy machine even small ones take seconds to compile.
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  return env
+
+
+def execute(config_path: str | os.PathLike[str], spec: RunSpec, log: Path, env: Mapping[str, str] | None = None
+            ) -> tuple[int, float]:
   """Runs one ``clsvd train`` process with its output in ``log``; returns its exit status and wall time."""
   log.parent.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   with log.open("a", encoding="utf-8") as f:
     f.write(f"$ {' '.join(train_command(config_path, spec))}\n")
     f.flush()
-    proc = subprocess.Popen(train_command(config_path, spec), stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(train_command(config_path, spec), stdout=f, stderr=subprocess.STDOUT,
+                            env=dict(env) if env is not None else None)
     try:
       code = proc.wait()
     finally:
@@ -213,7 +229,7 @@ def run_all(config_path: str | os.PathLike[str], specs: Sequence[RunSpec], out: 
       continue
     log = out / "logs" / f"{spec.method}_seed{spec.seed}.log"
     say(f"{head}: running in {spec.run_dir} (log {log})")
-    code, seconds = execute(config_path, spec, log)
+    code, seconds = execute(config_path, spec, log, child_env(out))
     results = finished_results(config_path, spec) if code in _FINISHED_EXITS else None
     if results is None:
       error = f"clsvd train exited with status {code}: {_tail(log)}"
