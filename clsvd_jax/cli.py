@@ -13,7 +13,8 @@
 Errors in the config or the data are printed as one clear message (exit status 2). A run that stops on a
 non-finite loss exits with status 3 and names the last good checkpoint; a run whose loss diverged finishes, writes
 its results and exits with status 4; a run the watchdog stopped (no progress for training.watchdog_seconds) exits
-with status 5, and one stopped by SIGTERM with 143, both naming the phase and the last checkpoint.
+with status 5, and one stopped by SIGTERM with 143, both naming the phase and the last checkpoint. ``clsvd compare``
+exits with status 3 when one of its runs failed (the others are compared; rerunning the command resumes it).
 """
 
 from __future__ import annotations
