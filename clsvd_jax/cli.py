@@ -4,6 +4,9 @@
                                                               run a task stream (results under run_dir); on several
                                                               hosts run it on each (jax.distributed from the env)
   clsvd eval CONFIG.yaml [--set ...] [--checkpoint DIR]       evaluate a model (or a checkpoint) on every task
+  clsvd compare CONFIG.yaml --methods seqft,osft,... [--seeds 0,1,2] [--out DIR] [--set ...]
+                                                              every method (and seed) on the config's stream, one
+                                                              run each (resumable), then one table and one plot
   clsvd demo [--out runs/demo] [--seeds 0,1,2]               the offline demo: seqft vs osft on a tiny model
   clsvd inspect RUN_DIR [--memory CONFIG]                     tables and plots of a finished run
 
@@ -11,7 +14,8 @@ Errors in the config or the data are printed as one clear message (exit status 2
 non-finite loss exits with status 3 and names the last good checkpoint; a run that diverged (see
 ``run_state.divergence``) finishes, writes its results and exits with status 4; a run the watchdog stopped (no
 progress for training.watchdog_seconds) exits with status 5, and one stopped by SIGTERM with 143, both naming the
-phase and the last checkpoint.
+phase and the last checkpoint. ``clsvd compare`` exits with status 3 when one of its runs failed (the others are
+compared; rerunning the command resumes it).
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--checkpoint", help="a checkpoint folder (step_*) or a run directory (its newest checkpoint); "
                                       "default: the model of the config as it is")
   e.add_argument("--out", help="write the accuracies as JSON here")
+
+  c = sub.add_parser("compare", help="run several methods (and seeds) on one stream, then one table and one plot")
+  c.add_argument("config", help="YAML config (its method is replaced by each of --methods)")
+  c.add_argument("--methods", required=True, help="comma-separated methods, e.g. seqft,osft,replay,ewc,lora,olora,"
+                                                  "gpm,pertask,mtl")
+  c.add_argument("--seeds", default="0", help="comma-separated seeds (training.seed and model.init_seed), default 0")
+  c.add_argument("--out", help="output folder: one run per method and seed, the table and the plot (default "
+                               "runs/compare/<config name>)")
+  c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value of every run (repeatable)")
 
   d = sub.add_parser("demo", help="the offline demo: a tiny model, a generated task stream, seqft vs osft")
   d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -134,6 +148,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+  from clsvd_jax.train import compare
+
+  methods = compare.parse_methods(args.methods)
+  seeds = compare.parse_seeds(args.seeds)
+  out = args.out or str(Path("runs") / "compare" / Path(args.config).stem)
+  summary, outcomes = compare.compare(args.config, methods, seeds, out, args.overrides)
+  failed = [o for o in outcomes if o.results is None]
+  if failed:
+    return _error(f"compare: {len(failed)} of {len(outcomes)} runs failed ("
+                  + ", ".join(o.spec.label for o in failed) + "); see the logs in " + str(Path(out) / "logs")
+                  + ", then rerun the same command to resume them", EXIT_TRAINING)
+  return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
   from clsvd_jax.train import demo
 
@@ -200,6 +229,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   if options:
     print(options)
     print()
+  ranks = outputs.format_rank_table(results, title="rank classification (accuracy %: the likeliest label option)")
+  if ranks:
+    print(ranks)
+    print()
   print(outputs.format_summary(results))
   print()
   print(outputs.format_ranks(results))
@@ -214,7 +247,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "inspect": cmd_inspect}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

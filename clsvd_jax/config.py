@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -169,6 +170,75 @@ class OsftConfig:
 
 
 @dataclasses.dataclass
+class ReplayConfig:
+  """Options of ``method: replay`` (``clsvd_jax.methods.replay``).
+
+  Attributes:
+    memory_per_task: training examples kept from each finished task (all of them when its split is smaller).
+    strategy: ``reservoir`` (a uniform subset) or ``per_label`` (balanced over the task's answers).
+    ratio: share of every training batch drawn from the memory once it holds anything, in [0, 1).
+  """
+
+  memory_per_task: int = 100
+  strategy: Literal["reservoir", "per_label"] = "reservoir"
+  ratio: float = 0.25
+
+
+@dataclasses.dataclass
+class EwcConfig:
+  """Options of ``method: ewc`` (``clsvd_jax.methods.ewc``).
+
+  Attributes:
+    lam: lambda, the weight of the penalty ``lambda / 2 * sum_i F_i (theta_i - theta*_i)^2``.
+    decay: older tasks' Fishers are scaled by this at every boundary (1: the exact sum of per-task penalties).
+    fisher_batches: batches of the finished task's training data the diagonal Fisher is averaged over.
+    fisher_batch_size: rows per Fisher batch (default the training batch size); every row costs one backward pass.
+  """
+
+  lam: float = 100.0
+  decay: float = 1.0
+  fisher_batches: int = 4
+  fisher_batch_size: int | None = None
+
+
+@dataclasses.dataclass
+class LoraConfig:
+  """Options of ``method: lora`` (one adapter trained through the stream) and ``olora`` (O-LoRA: a new adapter per
+  task, the old ones frozen, with the orthogonality and norm penalties); ``clsvd_jax.methods.lora``.
+
+  Attributes:
+    rank: rank r of each adapter.
+    alpha: the adapter's update is scaled by ``alpha / rank``.
+    targets: regexes over parameter paths of the adapted matrices (default: the attention query and value
+      projections, T5's cross-attention included).
+    lambda1: O-LoRA's orthogonality weight (``sum |A_old A_new^T|``).
+    lambda2: O-LoRA's norm weight on the new adapter.
+    orthogonality: ``abs`` (O-LoRA's code) or ``squared`` (its paper's equation).
+  """
+
+  rank: int = 8
+  alpha: float = 32.0
+  targets: list[str] | None = None
+  lambda1: float = 0.5
+  lambda2: float = 0.0
+  orthogonality: Literal["abs", "squared"] = "abs"
+
+
+@dataclasses.dataclass
+class GpmConfig:
+  """Options of ``method: gpm`` (``clsvd_jax.methods.gpm``): the ``osft`` section is replaced by GPM's preset.
+
+  Attributes:
+    eps: energy threshold: after each task the protected input basis of every matrix holds at least this fraction
+      of the task's input energy.
+    max_rank_ratio: cap of the protected fraction (sizes the bases); default ``osft.max_rank_ratio``.
+  """
+
+  eps: float = 0.97
+  max_rank_ratio: float | None = None
+
+
+@dataclasses.dataclass
 class OptimizerConfig:
   """AdamW and its learning-rate schedule (restarted at every task).
 
@@ -241,12 +311,15 @@ class EvalConfig:
     batch_size: rows per generation batch.
     max_new_tokens: tokens generated per example (labels are short).
     initial: also evaluate the model before any training (the baseline of FWT).
+    rank_classification: also score every task that has a label set by rank classification (the label option
+      with the highest likelihood; ``R_rank`` in results.json).
     invariant_check: measure ``||U^T dW|| / ||dW||`` and ``||dW V|| / ||dW||`` per constrained matrix and task.
   """
 
   batch_size: int = 32
   max_new_tokens: int = 16
   initial: bool = True
+  rank_classification: bool = True
   invariant_check: bool = True
 
 
@@ -292,9 +365,11 @@ class RunConfig:
   Attributes:
     model: see ``ModelConfig``.
     tasks: the task stream, each entry a ``clsvd_jax.data.TaskSpec`` mapping (validated by the data package).
-    method: ``osft`` (ours), ``seqft`` (plain sequential full fine-tuning) or ``mtl`` (all tasks at once) or any
-      method registered with ``clsvd_jax.train.register_method``.
+    method: ``osft`` (ours), ``seqft`` (plain sequential full fine-tuning), ``mtl`` (all tasks at once), the
+      baselines ``replay``, ``ewc``, ``lora``, ``olora``, ``gpm``, ``pertask``, or any method registered with
+      ``clsvd_jax.train.register_method``.
     osft: options of the constrained method and the parameter policy.
+    replay, ewc, lora, gpm: options of those methods (``lora`` also for ``olora``); read only by them.
     optimizer: see ``OptimizerConfig``.
     training: see ``TrainingConfig``.
     eval: see ``EvalConfig``.
@@ -309,6 +384,10 @@ class RunConfig:
   tasks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   method: str = "osft"
   osft: OsftConfig = dataclasses.field(default_factory=OsftConfig)
+  replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
+  ewc: EwcConfig = dataclasses.field(default_factory=EwcConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  gpm: GpmConfig = dataclasses.field(default_factory=GpmConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -491,6 +570,7 @@ def _check(config: RunConfig, source: str) -> None:
     fail("training.max_truncated_share", f"must lie in [0, 1], got {config.training.max_truncated_share}")
   if config.osft.min_trainable < 0:
     fail("osft.min_trainable", f"must be >= 0, got {config.osft.min_trainable}")
+  _check_method_sections(config, fail)
   dist = config.distributed
   if dist.num_processes is not None and dist.num_processes < 1:
     fail("distributed.num_processes", f"must be a positive integer, got {dist.num_processes}")
@@ -499,6 +579,42 @@ def _check(config: RunConfig, source: str) -> None:
   if dist.initialization_timeout is not None and dist.initialization_timeout < 1:
     fail("distributed.initialization_timeout", f"must be a positive number of seconds, got "
                                                f"{dist.initialization_timeout}")
+
+
+def _check_method_sections(config: RunConfig, fail: Any) -> None:
+  """Ranges of the baselines' options (checked whatever the method, so a typo never waits for the method that
+  reads it)."""
+  rep, ewc, lora, gpm = config.replay, config.ewc, config.lora, config.gpm
+  if rep.memory_per_task < 0:
+    fail("replay.memory_per_task", f"must be >= 0, got {rep.memory_per_task}")
+  if not 0.0 <= rep.ratio < 1.0:
+    fail("replay.ratio", f"must lie in [0, 1) (some rows of every batch come from the current task), got {rep.ratio}")
+  if ewc.lam < 0:
+    fail("ewc.lam", f"must be >= 0, got {ewc.lam}")
+  if not 0.0 <= ewc.decay <= 1.0:
+    fail("ewc.decay", f"must lie in [0, 1], got {ewc.decay}")
+  if ewc.fisher_batches < 1:
+    fail("ewc.fisher_batches", f"must be a positive integer, got {ewc.fisher_batches}")
+  if ewc.fisher_batch_size is not None and ewc.fisher_batch_size < 1:
+    fail("ewc.fisher_batch_size", f"must be a positive integer or null, got {ewc.fisher_batch_size}")
+  if lora.rank < 1:
+    fail("lora.rank", f"must be a positive integer, got {lora.rank}")
+  for key in ("alpha", "lambda1", "lambda2"):
+    if getattr(lora, key) < 0:
+      fail(f"lora.{key}", f"must be >= 0, got {getattr(lora, key)}")
+  if lora.targets is not None:
+    if not lora.targets:
+      fail("lora.targets", "is empty; give regexes of the adapted matrices' paths, or null for the default (query "
+                           "and value projections)")
+    for i, pattern in enumerate(lora.targets):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        fail(f"lora.targets[{i}]", f"{pattern!r} is not a valid regex: {e}")
+  if not 0.0 < gpm.eps <= 1.0:
+    fail("gpm.eps", f"must lie in (0, 1], got {gpm.eps}")
+  if gpm.max_rank_ratio is not None and not 0.0 < gpm.max_rank_ratio <= 1.0:
+    fail("gpm.max_rank_ratio", f"must lie in (0, 1] or be null, got {gpm.max_rank_ratio}")
 
 
 def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:

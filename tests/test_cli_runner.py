@@ -34,6 +34,9 @@ def test_train_inspect_eval(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "R (accuracy %" in out and "AA=" in out and "BWT=" in out and "low" in out
   assert "no protected subspaces" in out and "plots:" in out
+  # Rank classification beside exact match (the synthetic tasks have label sets).
+  assert "rank classification (accuracy %" in out and "rank_AA=" in out
+  assert len(res["R_rank"]) == 2 and all(x is not None for x in res["R_rank"][-1])
 
   eval_out = tmp_path / "eval.json"
   assert cli.main(["eval", str(path), "--checkpoint", str(run_dir), "--out", str(eval_out)]) == 0

@@ -80,3 +80,22 @@ def test_readme_model_example_runs_on_a_tiny_checkpoint(tmp_path):
     # bf16 round trip of float32 weights: close, not equal.
     diff = (reloaded(ids).logits - original(ids).logits).abs().max().item()
   assert diff < 5e-2, diff
+
+
+def test_readme_baseline_snippets_are_valid_configs():
+  import yaml
+
+  from clsvd_jax import config as C
+  from clsvd_jax.train.methods import METHODS
+
+  text = README.read_text()
+  section = text[text.index("## Baselines and `clsvd compare`"):]
+  section = section[:section.index("\n## ", 1)]
+  base = yaml.safe_load((README.parent / "configs" / "cpu_small.yaml").read_text())
+  snippets = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+  assert len(snippets) >= 4
+  for snippet in snippets:
+    cfg = C.from_dict(base | yaml.safe_load(snippet), "README snippet")
+    assert cfg.method in METHODS
+  table_methods = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
+  assert table_methods == set(METHODS)

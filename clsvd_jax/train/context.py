@@ -1,7 +1,8 @@
 """What stays fixed for the length of a run (``RunContext``), built once from the config and the prepared data.
 
-The context holds the method and its stages, the optimizer and the jitted train step, the layout of the arrays
-(one device or a mesh), the task scheduler (constrained methods), and the services every phase shares: ``say``
+The context holds the method, its hooks (``hooks.MethodHooks``) and its stages, the optimizer and the jitted train
+step, the layout of the arrays (one device or a mesh), the task scheduler (constrained methods), the
+rank-classification scorer, and the services every phase shares: ``say``
 (progress lines on process 0), the TensorBoard writer, the checkpointer and the watchdog. Whatever changes as the
 run advances lives in ``run_state.RunState`` (where it stands) and ``run_state.TrainState`` (its arrays).
 """
@@ -23,12 +24,14 @@ from etils import epath
 
 import clsvd_jax as cj
 from clsvd_jax import scheduler as sched_lib
-from clsvd_jax.config import MeshConfig, RunConfig
+from clsvd_jax.config import ConfigError, MeshConfig, RunConfig
 from clsvd_jax.train import checkpoint as ckpt_lib
 from clsvd_jax.train import layout as layout_lib
 from clsvd_jax.train import model_io
+from clsvd_jax.train import rank_classification as rank_lib
 from clsvd_jax.train import step as step_lib
-from clsvd_jax.train.methods import Method, get_method
+from clsvd_jax.train.hooks import MethodHooks
+from clsvd_jax.train.methods import METHOD_SECTIONS, Method, get_method
 from clsvd_jax.train.phases.prepare import Prepared
 from clsvd_jax.train.run_state import RunState, TrainState
 from clsvd_jax.train.tensorboard import Writer
@@ -77,6 +80,9 @@ class RunContext:
     checkpoints: saves checkpoints and remembers the last one.
     watchdog: stops a run that makes no progress.
     budget: optimizer steps this call may take (tests of ``--resume``).
+    hooks: the method's hooks (``hooks.MethodHooks``).
+    scorer: scores label options by likelihood (rank classification; None when ``eval.rank_classification`` is
+      off).
   """
 
   config: RunConfig
@@ -97,6 +103,8 @@ class RunContext:
   checkpoints: ckpt_lib.Checkpointer
   watchdog: Watchdog
   budget: StepBudget
+  hooks: MethodHooks | None = None
+  scorer: rank_lib.Scorer | None = None
 
   @property
   def num_stages(self) -> int:
@@ -123,9 +131,16 @@ class RunContext:
     return path
 
 
+def _without_other_methods(d: dict[str, Any], method: str) -> dict[str, Any]:
+  """The config dict without the option sections of methods other than ``method`` (they cannot change its run)."""
+  own = get_method(method).sections
+  return {k: v for k, v in d.items() if k not in METHOD_SECTIONS or k in own}
+
+
 def config_hash(config: RunConfig) -> str:
-  """What must not change between a run and its resume (everything but where outputs go and display flags)."""
-  d = config.to_dict()
+  """What must not change between a run and its resume (everything but where outputs go, display flags and the
+  options of other methods)."""
+  d = _without_other_methods(config.to_dict(), config.method)
   for key in ("run_dir", "name", "distributed"):
     d.pop(key, None)
   d["training"] = {k: v for k, v in d["training"].items()
@@ -147,7 +162,7 @@ def step_key(config: RunConfig, model: Any, labels: Any, layout: layout_lib.Layo
   """The cache key of the train step (``step.TrainStep``): the config minus what cannot change the step, the
   model's family and config, the parameter labels and where the arrays live. Shapes and dtypes of the arrays
   are not needed: JAX keys its cache on them itself."""
-  d = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_STEP}
+  d = {k: v for k, v in _without_other_methods(config.to_dict(), config.method).items() if k not in _NOT_IN_STEP}
   d["training"] = {k: v for k, v in d["training"].items() if k not in _TRAINING_NOT_IN_STEP}
   d["osft"] = {k: v for k, v in d["osft"].items() if k not in _OSFT_NOT_IN_STEP}
   d["model_config"] = model_io.model_config_dict(model)
@@ -178,18 +193,24 @@ def build_context(config: RunConfig, prepared: Prepared, *, run_dir: epath.Path,
   method = get_method(config.method)
   model = prepared.model
   apply_fn, params = model_io.functional(model)
-  run_policy = step_lib.policy_of_run(config)
-  policy_counts = step_lib.check_policy(params, run_policy.policy)
-  tx, labels = build_optimizer(config, params)
+  hooks = method.make_hooks(config, prepared, apply_fn)
+  policy_counts, policy_record = hooks.describe_policy(params)
+  trained = hooks.trainable(params)
+  tx, labels = hooks.optimizer(params, trained)
   tcfg = config.training
   mesh_cfg = config.mesh
   if mesh_cfg is None and jax.process_count() > 1:
     # Parameters of a multi-host model do not fit one device: the default spreads them over all (FSDP).
     mesh_cfg = MeshConfig()
   if mesh_cfg is not None:
+    if trained is not params:
+      raise ConfigError(f"method {config.method} trains other arrays than the model's parameters and runs on one "
+                        "device only for now; remove the mesh section (and run one process)")
     layout, params, opt_state = layout_lib.on_mesh(mesh_cfg, prepared.kind, tcfg.batch_size, tx, params)
+    trained = params
   else:
-    layout, opt_state = layout_lib.single_device(prepared.kind, tcfg.batch_size), tx.init(params)
+    layout, opt_state = layout_lib.single_device(prepared.kind, tcfg.batch_size), tx.init(trained)
+  method_arrays = hooks.init_arrays(params, layout)
   flat_labels = cj.flatten_with_paths(labels)
   shapes = {path: s for path, s in model_io.constrained_matrices(model).items()
             if flat_labels.get(path) == "constrain"}
@@ -207,18 +228,27 @@ def build_context(config: RunConfig, prepared: Prepared, *, run_dir: epath.Path,
       key=step_key(config, model, labels, layout), schedule=step_lib.Schedule.of(ocfg, 0),
       schedule_fn=step_lib.lr_schedule, apply_fn=apply_fn, tx=tx, kind=prepared.kind, grad_accum=ocfg.grad_accum,
       bf16_compute=tcfg.bf16_compute, clip_norm=ocfg.clip_norm,
-      trainable=jax.tree.map(lambda a: a != "freeze", labels), shardings=layout.step_shardings)
+      trainable=jax.tree.map(lambda a: a != "freeze", labels), shardings=layout.step_shardings,
+      loss_terms=hooks.loss_terms)
   main = jax.process_index() == 0
   checkpoints = ckpt_lib.Checkpointer(run_dir, tcfg.keep_checkpoints)
   ctx = RunContext(
       config=config, prepared=prepared, run_dir=run_dir, method=method, stages=stages, tx=tx, step=step,
       layout=layout, shapes=shapes, scheduler=scheduler, policy_counts=policy_counts,
-      policy=run_policy.to_dict(params), main=main, say=say,
+      policy=policy_record, main=main, say=say,
       writer=Writer(run_dir, enabled=main), checkpoints=checkpoints,
-      watchdog=Watchdog(tcfg.watchdog_seconds, checkpoints.describe), budget=StepBudget(stop_after_steps))
+      watchdog=Watchdog(tcfg.watchdog_seconds, checkpoints.describe), budget=StepBudget(stop_after_steps),
+      hooks=hooks, scorer=option_scorer(config, prepared, apply_fn))
   rng = jax.random.key_data(jax.random.key(tcfg.seed))
   anchor = {path: jnp.zeros((), jnp.float32) for path in shapes}
   if layout.replicated is not None:
     # Checkpointed with the sharded state: Orbax needs global arrays when several processes save.
     rng, anchor = layout.put_replicated((np.asarray(rng), {k: np.asarray(v) for k, v in anchor.items()}))
-  return ctx, TrainState(params, opt_state, anchor, rng)
+  return ctx, TrainState(trained, opt_state, anchor, rng, method_arrays)
+
+
+def option_scorer(config: RunConfig, prepared: Prepared, apply_fn: Callable[..., Any]) -> rank_lib.Scorer | None:
+  """The rank-classification scorer of a run (None when it is off or no task has label options)."""
+  if not config.eval.rank_classification or not any(o is not None for o in prepared.options):
+    return None
+  return rank_lib.make_option_scorer(apply_fn, kind=prepared.kind, decoder_start_id=prepared.info.decoder_start_id)

@@ -1,14 +1,29 @@
 """The method switch of the runner: a small registry of how a method walks the task stream.
 
 A method says which stages it trains (one stage per task for sequential methods, one stage holding every task for
-multi-task learning) and whether the task scheduler protects subspaces before a stage. New methods drop in with
+multi-task learning), whether the task scheduler protects subspaces before a stage, which config sections hold
+its options, and where its runner hooks are (``clsvd_jax.train.hooks.MethodHooks``: batch source, loss terms,
+trained tree, boundary action, evaluation, checkpointed state). New methods drop in with
 ``register_method(Method(...))`` and are then accepted by the config's ``method`` key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# Config sections that belong to one method each: a run's config hash and train step ignore those of other methods.
+METHOD_SECTIONS = ("replay", "ewc", "lora", "gpm")
+
+
+def _load(ref: str | Callable[..., Any]) -> Callable[..., Any]:
+  """A callable, or ``"module:attribute"`` imported on first use (the baselines import the runner's modules)."""
+  if callable(ref):
+    return ref
+  module, _, attr = ref.partition(":")
+  return getattr(importlib.import_module(module), attr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,18 +36,42 @@ class Method:
       subspace stays at rank 0, which makes the constrained optimizer equal to its inner AdamW exactly).
     joint: train all tasks in one stage on the union of their data (an upper bound), instead of one after another.
     description: one line for ``clsvd inspect`` and the docs.
+    sections: the config sections of its options (e.g. ``("replay",)``), part of its runs' config hash.
+    hooks: builds the run's ``MethodHooks`` from ``(config, prepared, apply_fn)``: a callable or
+      ``"module:attribute"``; None: ``MethodHooks`` (full fine-tuning).
+    configure: ``RunConfig -> RunConfig`` applied before the run reads its config (e.g. gpm sets the ``osft``
+      section to its preset); a callable or ``"module:attribute"``; None: the config as it is.
   """
 
   name: str
   constrained: bool
   joint: bool = False
   description: str = ""
+  sections: tuple[str, ...] = ()
+  hooks: str | Callable[..., Any] | None = None
+  configure: str | Callable[..., Any] | None = None
 
   def stages(self, num_tasks: int) -> list[list[int]]:
     """The task indices trained in each stage."""
     if self.joint:
       return [list(range(num_tasks))]
     return [[i] for i in range(num_tasks)]
+
+  def resolve_config(self, config: Any) -> Any:
+    """The config the run reads (``configure`` applied)."""
+    return config if self.configure is None else _load(self.configure)(config)
+
+  def make_hooks(self, config: Any, prepared: Any, apply_fn: Callable[..., Any]) -> Any:
+    """The run's ``MethodHooks``.
+
+    Raises:
+      ConfigError: the method cannot run this config (naming the key and the fix).
+    """
+    if self.hooks is None:
+      from clsvd_jax.train.hooks import MethodHooks
+
+      return MethodHooks(config, prepared, apply_fn)
+    return _load(self.hooks)(config, prepared, apply_fn)
 
 
 METHODS: dict[str, Method] = {}
@@ -57,9 +96,27 @@ def method_names() -> Sequence[str]:
   return tuple(METHODS)
 
 
+_BASELINES = "clsvd_jax.train.baselines"
+
 register_method(Method("osft", constrained=True,
                        description="orthogonal-complement full fine-tuning (adaptive SVD), task after task"))
 register_method(Method("seqft", constrained=False,
                        description="plain sequential full fine-tuning (same optimizer, nothing protected)"))
 register_method(Method("mtl", constrained=False, joint=True,
                        description="multi-task learning on all tasks at once (upper bound)"))
+register_method(Method("replay", constrained=False, sections=("replay",), hooks=f"{_BASELINES}.replay:ReplayHooks",
+                       description="sequential fine-tuning with a memory of N examples per finished task mixed "
+                                   "into later batches"))
+register_method(Method("ewc", constrained=False, sections=("ewc",), hooks=f"{_BASELINES}.ewc:EwcHooks",
+                       description="elastic weight consolidation: a diagonal-Fisher quadratic penalty towards the "
+                                   "weights of the finished tasks"))
+register_method(Method("lora", constrained=False, sections=("lora",), hooks=f"{_BASELINES}.lora:LoraHooks",
+                       description="sequential LoRA: one low-rank adapter trained through the stream, base frozen"))
+register_method(Method("olora", constrained=False, sections=("lora",), hooks=f"{_BASELINES}.lora:OLoraHooks",
+                       description="O-LoRA: a new LoRA adapter per task, old ones frozen, orthogonality penalty"))
+register_method(Method("gpm", constrained=True, sections=("gpm",), configure=f"{_BASELINES}.gpm:configure",
+                       description="gradient projection memory: one-sided projection off the finished tasks' "
+                                   "input-activation span"))
+register_method(Method("pertask", constrained=False, hooks=f"{_BASELINES}.pertask:PerTaskHooks",
+                       description="a fresh copy of the initial model per task (upper bound that needs the task "
+                                   "id)"))

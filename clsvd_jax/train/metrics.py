@@ -112,6 +112,29 @@ def summarize(r: Any, *, baseline: Any | None = None, correct_last: Sequence[int
   return out
 
 
+def summarize_partial(r: Sequence[Sequence[float | None]], baseline: Sequence[float | None] | None = None
+                      ) -> dict[str, float | None]:
+  """AA, BWT, FWT and forgetting of a matrix some of whose tasks have no value (``None``: e.g. rank
+  classification of a task without label options): each metric is the mean of its terms over the tasks that have
+  every value the term needs; ``None`` when no task does (or for one stage, as in ``summarize``)."""
+  if not r:
+    return {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
+  a = np.asarray([[np.nan if x is None else x for x in row] for row in r], np.float64)
+  b = None if baseline is None else np.asarray([np.nan if x is None else x for x in baseline], np.float64)
+  t = a.shape[0]
+
+  def mean(terms: list[float]) -> float | None:
+    terms = [x for x in terms if np.isfinite(x)]
+    return float(np.mean(terms)) if terms else None
+
+  return {
+    "AA": mean(list(a[-1])),
+    "BWT": mean([a[t - 1, j] - a[j, j] for j in range(t - 1)]) if t > 1 else None,
+    "FWT": mean([a[j - 1, j] - b[j] for j in range(1, t)]) if t > 1 and b is not None else None,
+    "forgetting": mean([np.max(a[:t - 1, j]) - a[t - 1, j] for j in range(t - 1)]) if t > 1 else None,
+  }
+
+
 def option_set(labels: Sequence[str] | None) -> frozenset[str] | None:
   """The normalised label words of a task (``None`` for a free-form task)."""
   return None if labels is None else frozenset(normalize_answer(x) for x in labels)

@@ -195,6 +195,19 @@ def format_option_table(results: Mapping[str, Any], title: str | None = None) ->
   return format_r_table(table, title=title)
 
 
+def format_rank_table(results: Mapping[str, Any], title: str | None = None) -> str | None:
+  """The rank-classification accuracy (%) laid out like R, then its AA / BWT / FWT / forgetting; None when the
+  results have none (rank classification off, no task with labels, or an older run)."""
+  r = results.get("R_rank")
+  if not r or all(x is None for row in r for x in row):
+    return None
+  table = {"tasks": results["tasks"], "row_names": results.get("row_names"), "R": r,
+           "R_initial": results.get("R_rank_initial")}
+  m = results.get("rank_metrics") or {}
+  line = "  ".join(f"{k}={_fmt(m.get(k))}" for k in ("AA", "BWT", "FWT", "forgetting"))
+  return format_r_table(table, title=title) + "\nrank classification: " + line
+
+
 SUMMARY_KEYS = ("AA", "BWT", "FWT", "forgetting", "pooled_accuracy")
 
 
@@ -203,6 +216,9 @@ def format_summary(results: Mapping[str, Any]) -> str:
   parts = [f"{k}={_fmt(results.get(k))}" for k in SUMMARY_KEYS]
   if mean_option_rate(results) is not None:
     parts.append(f"option_rate={_fmt(mean_option_rate(results))}")
+  rank_aa = (results.get("rank_metrics") or {}).get("AA")
+  if rank_aa is not None:
+    parts.append(f"rank_AA={_fmt(rank_aa)}")
   inv = results.get("invariant_max")
   if inv is not None:
     parts.append(f"invariant_max={inv:.2e}")

@@ -27,20 +27,23 @@ class TrainState(NamedTuple):
     anchor: ``{path: W}`` float32 copies of the constrained matrices at the start of the current task (the
       reference of the invariant check); scalar placeholders when the check is off or no task has started.
     rng: the run's PRNG key data.
+    method: the method's arrays (``hooks.MethodHooks.init_arrays``, e.g. EWC's Fisher and anchor); None: none.
   """
 
   params: Any
   opt_state: Any
   anchor: Any
   rng: Any
+  method: Any = None
 
   def to_tree(self) -> dict[str, Any]:
-    """The checkpoint layout (``{"params", "opt_state", "anchor", "rng"}``)."""
+    """The checkpoint layout (``{"params", "opt_state", "anchor", "rng", "method"}``)."""
     return self._asdict()
 
   @classmethod
   def from_tree(cls, tree: Mapping[str, Any]) -> TrainState:
-    return cls(**{k: tree[k] for k in cls._fields})
+    # A method without arrays stores none: the restored tree may lack the entry.
+    return cls(**{k: tree.get(k) for k in cls._fields})
 
 
 def loss_window(total_steps: int) -> int:
@@ -136,6 +139,9 @@ class RunState:
     option_rates: per finished stage and task, the share of answers that are one of the task's labels (None for
       a free-form task).
     baseline_option_rate: the same for the model before training.
+    R_rank: per finished stage and task, the rank-classification accuracy (None for a task without labels).
+    baseline_rank: the same for the model before training.
+    method_state: the method's JSON state (``hooks.MethodHooks``; e.g. the replay memory).
     invariant: per finished stage, ``{path: ratios}`` of the invariant check.
     losses: per finished stage, the mean training loss over its last tenth of steps.
     task_stats: what the stage in progress measured so far (``TaskStats``).
@@ -144,6 +150,8 @@ class RunState:
     seen_tokens: input + target tokens trained on (what throughput figures count).
     train_seconds: wall time of the training phases (fetch to fetch, so it includes waiting on the device).
     eval_seconds: wall time of the evaluations.
+    boundary_seconds: wall time of the task boundaries.
+    peak_memory: the largest ``resources.peak_memory`` readings of the processes that ran it (bytes).
   """
 
   config_hash: str
@@ -159,6 +167,9 @@ class RunState:
   baseline_counts: list[int] | None = None
   option_rates: list[list[float | None]] = dataclasses.field(default_factory=list)
   baseline_option_rate: list[float | None] | None = None
+  R_rank: list[list[float | None]] = dataclasses.field(default_factory=list)
+  baseline_rank: list[float | None] | None = None
+  method_state: dict[str, Any] = dataclasses.field(default_factory=dict)
   invariant: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   losses: list[float | None] = dataclasses.field(default_factory=list)
   task_stats: TaskStats = dataclasses.field(default_factory=TaskStats)
@@ -167,6 +178,8 @@ class RunState:
   seen_tokens: float = 0.0
   train_seconds: float = 0.0
   eval_seconds: float = 0.0
+  boundary_seconds: float = 0.0
+  peak_memory: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
   def finished(self, num_stages: int) -> bool:
     return self.stage >= num_stages

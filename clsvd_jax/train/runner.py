@@ -35,6 +35,7 @@ import jax
 from clsvd_jax.config import RunConfig
 from clsvd_jax.train import run_dir as run_dir_lib
 from clsvd_jax.train.context import RunInterrupted, build_context
+from clsvd_jax.train.methods import get_method
 from clsvd_jax.train.phases.boundary import boundary
 from clsvd_jax.train.phases.evaluate import evaluate_initial, evaluate_stage
 from clsvd_jax.train.phases.prepare import Prepared, prepare
@@ -70,6 +71,8 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, sto
     RunStalled / RunTerminated: no progress for ``training.watchdog_seconds``, or SIGTERM.
   """
   say = (echo if jax.process_index() == 0 else None) or (lambda _msg: None)
+  # What the run reads is the config as its method sees it (gpm: the osft section set to GPM's preset).
+  config = get_method(config.method).resolve_config(config)
   path = run_dir_lib.check(config.run_dir, resume=resume, overwrite=overwrite)
   p = prepared or prepare(config)
   for note in p.notes:

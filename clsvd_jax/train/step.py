@@ -1,6 +1,6 @@
 """The optimizer of a run and its train step: one pure function, jitted once per configuration by JAX.
 
-The step is ``step(params, opt_state, batch, carry) -> (params, opt_state, carry, metrics)``:
+The step is ``step(params, opt_state, batch, carry, aux) -> (params, opt_state, carry, metrics)``:
 
 * the loss is the mean cross entropy over target tokens only (``loss_mask``), weighted by tokens, so a batch
   split into ``grad_accum`` micro-batches (a ``lax.scan``) gives exactly the gradient of the whole batch;
@@ -12,7 +12,11 @@ The step is ``step(params, opt_state, batch, carry) -> (params, opt_state, carry
   fetches the metrics of several steps at once (``train_loop``);
 * a non-finite loss, gradient or update leaves params and optimizer state unchanged, and so does every step after
   it; ``carry.first_bad`` records the first such step on the device, so the runner stops at its next fetch with the
-  last good state intact.
+  last good state intact;
+* a method may change the loss (``LossTerms``): ``params`` are then what the optimizer trains (e.g. LoRA adapters)
+  and ``model_params(params, aux)`` what the model sees, and ``penalty(params, aux, opt_state)`` (e.g. EWC's
+  quadratic) is added once per step, not per micro-batch. ``aux`` is the method's state (the EWC anchors, the frozen
+  base weights): a step argument, so it changes between tasks without recompiling; None for full fine-tuning.
 
 ``TrainStep`` is the jitted form: a hashable description of everything the step closes over, passed as a static
 argument to one module-level ``jax.jit``, so JAX's own cache compiles a configuration once per process (runs of
@@ -264,9 +268,25 @@ def start_carry(step: int = 0) -> StepCarry:
   return StepCarry(np.int32(step), np.int32(-1))
 
 
+@dataclasses.dataclass(frozen=True)
+class LossTerms:
+  """What a method changes in the training loss (``clsvd_jax.train.hooks``); None fields change nothing.
+
+  Attributes:
+    model_params: ``(params, aux) -> model parameters``: what the model is applied with (LoRA: the frozen base plus
+      the adapters ``params``). None: ``params`` themselves.
+    penalty: ``(params, aux, opt_state) -> scalar`` added to the mean token loss once per optimizer step (EWC,
+      O-LoRA). None: no penalty.
+  """
+
+  model_params: Callable[[Any, Any], Any] | None = None
+  penalty: Callable[[Any, Any, Any], jax.Array] | None = None
+
+
 def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformation, *, kind: str,
                     schedule: optax.Schedule, grad_accum: int = 1, bf16_compute: bool = False,
-                    clip_norm: float | None = None, trainable: Any = None) -> Callable[..., Any]:
+                    clip_norm: float | None = None, trainable: Any = None,
+                    loss_terms: LossTerms | None = None) -> Callable[..., Any]:
   """The pure train step (see the module docstring).
 
   Args:
@@ -278,38 +298,47 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
     bf16_compute: forward/backward in bfloat16.
     clip_norm: clip the global norm of the trainable gradients (None: no clipping).
     trainable: a pytree of bools like params (frozen leaves get no gradient in the norm); None = all.
+    loss_terms: the method's changes to the loss (None: the token loss of ``params`` alone).
 
   Returns:
-    ``step(params, opt_state, batch, carry) -> (params, opt_state, carry, metrics)`` with metrics ``loss`` (mean
-    per target token), ``tokens`` (target tokens), ``seen`` (input + target tokens), ``lr``, ``grad_norm``,
-    ``update_norm`` and ``finite``.
+    ``step(params, opt_state, batch, carry, aux=None) -> (params, opt_state, carry, metrics)`` with metrics
+    ``loss`` (mean per target token, without the penalty), ``tokens`` (target tokens), ``seen`` (input + target
+    tokens), ``lr``, ``grad_norm``, ``update_norm``, ``finite`` and, with a penalty, ``penalty``.
   """
   keys = TRAIN_KEYS[kind]
+  terms = loss_terms or LossTerms()
 
-  def loss_sum(params: Any, micro: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-    p = _cast_floating(params, jnp.bfloat16) if bf16_compute else params
+  def loss_sum(params: Any, aux: Any, micro: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    p = terms.model_params(params, aux) if terms.model_params is not None else params
+    p = _cast_floating(p, jnp.bfloat16) if bf16_compute else p
     total, count = token_losses(apply_fn, p, micro, kind)
     return total, count
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-  def step(params: Any, opt_state: Any, batch: Mapping[str, Any], carry: StepCarry):
+  def step(params: Any, opt_state: Any, batch: Mapping[str, Any], carry: StepCarry, aux: Any = None):
     batch = {k: batch[k] for k in keys}
     if grad_accum == 1:
-      (total, count), grads = grad_fn(params, batch)
+      (total, count), grads = grad_fn(params, aux, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
       def body(acc, mb):
         g_sum, t_sum, c_sum = acc
-        (t, c), g = grad_fn(params, mb)
+        (t, c), g = grad_fn(params, aux, mb)
         g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
         return (g_sum, t_sum + t, c_sum + c), None
 
       (grads, total, count), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
+    extra = {}
+    if terms.penalty is not None:
+      pen, pen_grads = jax.value_and_grad(terms.penalty)(params, aux, opt_state)
+      grads = jax.tree.map(lambda g, q: (g.astype(jnp.float32) + q.astype(jnp.float32)).astype(g.dtype), grads,
+                           pen_grads)
+      extra["penalty"] = pen
     if trainable is not None:
       grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
     grad_norm = optax.global_norm(grads)
@@ -323,6 +352,8 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
     update_norm = optax.global_norm(updates)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    if "penalty" in extra:
+      finite = finite & jnp.isfinite(extra["penalty"])
     # A bad step changes nothing, nor does any step after it: the runner stops at its next fetch of the metrics
     # with the state of the last good step.
     ok = finite & (carry.first_bad < 0)
@@ -332,7 +363,7 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
     first_bad = jnp.where((carry.first_bad < 0) & ~finite, carry.step, carry.first_bad).astype(jnp.int32)
     carry = StepCarry((carry.step + 1).astype(jnp.int32), first_bad)
     metrics = {"loss": loss, "tokens": count, "seen": seen_tokens(batch, kind), "lr": lr, "grad_norm": grad_norm,
-               "update_norm": update_norm, "finite": finite}
+               "update_norm": update_norm, "finite": finite} | extra
     return new_params, new_state, carry, metrics
 
   return step
@@ -340,7 +371,7 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
-  """The jitted train step of a run: call it as ``step(params, opt_state, batch, carry)``.
+  """The jitted train step of a run: call it as ``step(params, opt_state, batch, carry, aux)``.
 
   Equality and hash (what JAX's cache keys the compiled program on) are ``key``, ``schedule`` and
   ``schedule_fn``; the other fields are derived from them. ``key`` must therefore describe everything the step
@@ -351,7 +382,8 @@ class TrainStep:
     key: a digest of the config, the model, the parameter labels and the mesh.
     schedule: this task's learning-rate schedule.
     schedule_fn: builds the optax schedule from ``schedule`` (``lr_schedule``).
-    apply_fn, tx, kind, grad_accum, bf16_compute, clip_norm, trainable: as ``make_train_step``.
+    apply_fn, tx, kind, grad_accum, bf16_compute, clip_norm, trainable, loss_terms: as ``make_train_step``
+      (``key`` must cover the method's options that ``loss_terms`` closes over).
     shardings: ``(param_shardings, opt_state_shardings, replicated)`` on a mesh: the outputs are laid out as the
       inputs, so consecutive steps feed each other without a copy or a recompile. None on one device.
   """
@@ -367,22 +399,24 @@ class TrainStep:
   clip_norm: float | None = dataclasses.field(compare=False, default=None)
   trainable: Any = dataclasses.field(compare=False, default=None)
   shardings: tuple[Any, Any, Any] | None = dataclasses.field(compare=False, default=None)
+  loss_terms: LossTerms | None = dataclasses.field(compare=False, default=None)
 
   def for_task(self, schedule: Schedule) -> TrainStep:
     """The same step with another task's schedule."""
     return dataclasses.replace(self, schedule=schedule)
 
-  def __call__(self, params: Any, opt_state: Any, batch: Mapping[str, Any], carry: StepCarry
+  def __call__(self, params: Any, opt_state: Any, batch: Mapping[str, Any], carry: StepCarry, aux: Any = None
                ) -> tuple[Any, Any, StepCarry, dict[str, jax.Array]]:
-    return _jitted_step(self, params, opt_state, batch, carry)
+    return _jitted_step(self, params, opt_state, batch, carry, aux)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def _jitted_step(spec: TrainStep, params: Any, opt_state: Any, batch: Mapping[str, Any], carry: StepCarry):
+def _jitted_step(spec: TrainStep, params: Any, opt_state: Any, batch: Mapping[str, Any], carry: StepCarry,
+                 aux: Any = None):
   step = make_train_step(spec.apply_fn, spec.tx, kind=spec.kind, schedule=spec.schedule_fn(spec.schedule),
                          grad_accum=spec.grad_accum, bf16_compute=spec.bf16_compute, clip_norm=spec.clip_norm,
-                         trainable=spec.trainable)
-  params, opt_state, carry, metrics = step(params, opt_state, batch, carry)
+                         trainable=spec.trainable, loss_terms=spec.loss_terms)
+  params, opt_state, carry, metrics = step(params, opt_state, batch, carry, aux)
   if spec.shardings is not None:
     p_sh, o_sh, repl = spec.shardings
     params = jax.lax.with_sharding_constraint(params, p_sh)

@@ -73,7 +73,8 @@ def _base():
   ({"training": {"bf16_compute": 1}}, "training.bf16_compute: expected bool"),
   ({"osft": {"sides": "up"}}, "osft.sides: 'up' is not allowed; expected one of 'both', 'left', 'right', 'block'"),
   ({"osft": {"start_protecting_from": 3}}, "osft.start_protecting_from: 3 is not allowed"),
-  ({"method": "ewc"}, "method: unknown method 'ewc'; registered methods: mtl, osft, seqft"),
+  ({"method": "sgd"}, "method: unknown method 'sgd'; registered methods: ewc, gpm, lora, mtl, olora, osft, pertask, "
+                     "replay, seqft"),
   ({"tasks": [{"name": "low", "source": "synthetic", "max_trian": 3}]}, "tasks[0]: unknown key(s) ['max_trian']"),
   ({"osft": {"rank_policy": {"mrr": 0.9, "trr": 0.1}}}, "need 0 <= mrr <= trr <= 1"),
   ({"optimizer": {"grad_accum": 3}}, "must be divisible by grad_accum=3"),

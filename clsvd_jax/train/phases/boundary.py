@@ -3,11 +3,14 @@
 For a constrained method, the task scheduler measures block importance on calibration batches, computes the
 protected ranks, accumulates the subspaces (from the weights, or from the finished task's input activations) and
 installs them in the optimizer state. Adam's moments are reset when ``osft.reset_moments`` says so. The constrained
-matrices are copied (float32) as the reference of the invariant check over the coming task.
+matrices are copied (float32) as the reference of the invariant check over the coming task. Then the method's own
+boundary action runs (``hooks.MethodHooks.before_stage``: replay remembers the finished task, EWC measures its
+Fisher, O-LoRA moves to a new adapter, pertask goes back to the initial weights).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -45,6 +48,7 @@ def boundary(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainState
   """
   si = state.stage
   cfg = ctx.config
+  t0 = time.perf_counter()
   opt_state = arrays.opt_state
   if ctx.scheduler is not None:
     inputs = calibration_inputs(ctx, arrays.params, si)
@@ -62,11 +66,15 @@ def boundary(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainState
   if cfg.eval.invariant_check and ctx.scheduler is not None:
     flat = cj.flatten_with_paths(arrays.params)
     anchor = copy_f32({path: flat[path] for path in ctx.shapes})
+  arrays = arrays._replace(opt_state=opt_state, anchor=anchor)
+  if ctx.hooks is not None:
+    arrays = ctx.hooks.before_stage(ctx, state, arrays)
   state.phase = "train"
   state.step = 0
   state.position = Position().to_dict()
+  state.boundary_seconds += time.perf_counter() - t0
   ctx.watchdog.beat()
-  return arrays._replace(opt_state=opt_state, anchor=anchor)
+  return arrays
 
 
 def calibration_inputs(ctx: RunContext, params: Any, si: int) -> sched_lib.BoundaryInputs:

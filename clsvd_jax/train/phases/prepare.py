@@ -3,6 +3,10 @@
 Bad input fails here, before a single step, with a message that names the file or key and the fix: a missing
 model folder, unreadable data, empty splits, or a ``training.max_length`` / ``max_target_length`` that cuts more
 than ``training.max_truncated_share`` of a split's prompts or targets (any cut is reported as a note).
+
+The label options of every task with a label set are tokenised here too, for rank classification
+(``rank_classification.encode_options``); a task whose evaluation answers are not all among its labels is left to
+exact match alone, with a note.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from clsvd_jax.config import ConfigError, RunConfig
 from clsvd_jax.data import EncodedSplit, encode_task, load_tasks, parse_task_specs, tokenizer_info
 from clsvd_jax.data.tasks import DataError
 from clsvd_jax.train import model_io
+from clsvd_jax.train import rank_classification as rank_lib
 
 
 @dataclasses.dataclass
@@ -31,6 +36,7 @@ class Prepared:
   eval_splits: list[EncodedSplit]
   notes: list[str]
   labels: list[tuple[str, ...] | None] = dataclasses.field(default_factory=list)
+  options: list[rank_lib.OptionSet | None] = dataclasses.field(default_factory=list)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -64,8 +70,28 @@ def prepare(config: RunConfig) -> Prepared:
       check_truncation(split, config.training.max_truncated_share)
       if split.truncated_prompts or split.truncated_targets:
         notes.append(split.report())
+  labels = [d.task.labels for d in datas]
+  options = [label_options(tokenizer, info, split, task_labels, notes) if config.eval.rank_classification else None
+             for split, task_labels in zip(eval_splits, labels)]
   return Prepared(config, model, tokenizer, info, kind, [d.task.name for d in datas], train_splits, eval_splits,
-                  notes, labels=[d.task.labels for d in datas])
+                  notes, labels=labels, options=options)
+
+
+def label_options(tokenizer: Any, info: Any, split: EncodedSplit, labels: tuple[str, ...] | None,
+                  notes: list[str]) -> rank_lib.OptionSet | None:
+  """The task's label options as token ids, or None (a free-form task, or answers outside its labels: noted)."""
+  if not labels:
+    return None
+  outside = sorted({e.target for e in split.examples} - set(labels))
+  if outside:
+    notes.append(f"{split.name}: answers {outside[:3]} are not among the task's labels; rank classification skips "
+                 "this task (exact match still scores it)")
+    return None
+  try:
+    return rank_lib.encode_options(tokenizer, labels, info)
+  except ValueError as e:
+    notes.append(f"{split.name}: {e}; rank classification skips this task")
+    return None
 
 
 def check_model_path(config: RunConfig, base_dir: str | None) -> None:

@@ -18,8 +18,10 @@ import clsvd_jax as cj
 from clsvd_jax import scheduler as sched_lib
 from clsvd_jax.config import ConfigError, RunConfig, dump_config
 from clsvd_jax.train import checkpoint as ckpt_lib
+from clsvd_jax.train import layout as layout_lib
 from clsvd_jax.train import model_io
-from clsvd_jax.train.context import RunContext, build_optimizer, config_hash
+from clsvd_jax.train.context import RunContext, config_hash
+from clsvd_jax.train.methods import get_method
 from clsvd_jax.train.phases.boundary import copy_f32
 from clsvd_jax.train.phases.prepare import Prepared
 from clsvd_jax.train.run_state import RunState, TrainState
@@ -80,22 +82,44 @@ def restore_params(config: RunConfig, prepared: Prepared, where: str | os.PathLi
     where: a checkpoint folder (``step_*``, used as it is) or a run directory (its newest usable checkpoint).
 
   Returns:
-    ``Loaded`` with the parameters as ``value``, the checkpoint used and those skipped.
+    ``Loaded`` with the model parameters as ``value`` (the method's ``eval_params``: e.g. LoRA's merged weights),
+    the checkpoint used and those skipped.
 
   Raises:
     CheckpointError: the folder holds no usable checkpoint.
   """
-  _, params = model_io.functional(prepared.model)
-  tx, labels = build_optimizer(config, params)
+  return restore_arrays(config, prepared, where, model_params=True)
+
+
+def restore_arrays(config: RunConfig, prepared: Prepared, where: str | os.PathLike[str], *,
+                   model_params: bool = False) -> ckpt_lib.Loaded:
+  """The arrays (``TrainState``) of a checkpoint of a run of ``config``, on one device.
+
+  Args:
+    where: a checkpoint folder (``step_*``, used as it is) or a run directory (its newest usable checkpoint).
+    model_params: return the model parameters the method evaluates (``MethodHooks.eval_params``) instead.
+
+  Raises:
+    CheckpointError: the folder holds no usable checkpoint.
+  """
+  method = get_method(config.method)
+  config = method.resolve_config(config)
+  apply_fn, params = model_io.functional(prepared.model)
+  hooks = method.make_hooks(config, prepared, apply_fn)
+  trained = hooks.trainable(params)
+  tx, labels = hooks.optimizer(params, trained)
   shapes = model_io.constrained_matrices(prepared.model)
   constrained = [p for p, label in cj.flatten_with_paths(labels).items() if label == "constrain" and p in shapes]
-  opt_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(tx.init, params))
+  opt_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(tx.init, trained))
   rng = jax.random.key_data(jax.random.key(0))
+  method_arrays = hooks.init_arrays(params, layout_lib.single_device(prepared.kind, config.training.batch_size))
 
   def load(path: Any, meta: dict[str, Any]) -> Any:
     full = set(meta.get("anchor_paths") or [])
     anchor = {p: jnp.zeros(shapes[p] if p in full else (), jnp.float32) for p in constrained}
-    return ckpt_lib.restore(path, TrainState(params, opt_state, anchor, rng).to_tree())["params"]
+    target = TrainState(trained, opt_state, anchor, rng, method_arrays).to_tree()
+    arrays = TrainState.from_tree(ckpt_lib.restore(path, target))
+    return hooks.eval_params(arrays) if model_params else arrays
 
   path = ckpt_lib.run_path(where)
   if (path / ckpt_lib.META).is_file():

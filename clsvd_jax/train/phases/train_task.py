@@ -71,7 +71,7 @@ def train_task(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainSta
     RunInterrupted: the step budget of this call is spent (tests).
   """
   si = state.stage
-  it = train_iterator(ctx, si, state.position)
+  it = ctx.hooks.train_batches(ctx, state) if ctx.hooks is not None else train_iterator(ctx, si, state.position)
   total = steps_for(ctx, it)
   if state.step == 0:
     # to_host: the norm of parameters spread over several processes comes back through a collective.
@@ -109,6 +109,8 @@ class _Loop:
     self.params, self.opt_state = ctx.layout.place_state(arrays.params, arrays.opt_state)
     self._rest = arrays
     self.carry = ctx.layout.put_replicated(step_lib.start_carry(state.step))
+    # The method's step input (EWC's state, LoRA's base weights): fixed for the task, already on the devices.
+    self.aux = ctx.hooks.step_input(arrays) if ctx.hooks is not None else None
     self.ring: list[dict[str, jax.Array]] = []
     self._clock = time.perf_counter()
     self._bar: Any = None
@@ -122,7 +124,8 @@ class _Loop:
   def dispatch(self, host_batch: dict[str, Any]) -> None:
     with between_fetches():
       batch = self.ctx.layout.put_batch(host_batch)
-      self.params, self.opt_state, self.carry, metrics = self.step(self.params, self.opt_state, batch, self.carry)
+      self.params, self.opt_state, self.carry, metrics = self.step(self.params, self.opt_state, batch, self.carry,
+                                                                   self.aux)
     self.ring.append(metrics)
     self.state.step += 1
     self.state.global_step += 1
@@ -155,6 +158,8 @@ class _Loop:
     tok_s = seen / max(seconds, 1e-9)
     ctx.writer.scalar("train/tokens_per_s", tok_s, state.global_step)
     ctx.writer.scalar("train/lr", float(host["lr"][-1]), state.global_step)
+    if "penalty" in host:
+      ctx.writer.scalar("train/penalty", float(host["penalty"][-1]), state.global_step)
     if self._bar is not None:
       self._bar.update(n)
       self._bar.set_postfix(loss=f"{float(host['loss'][-1]):.4f}", tok_s=f"{tok_s:.0f}")

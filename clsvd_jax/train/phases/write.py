@@ -11,6 +11,7 @@ import numpy as np
 
 from clsvd_jax.train import metrics as metrics_lib
 from clsvd_jax.train import model_io, outputs
+from clsvd_jax.train.resources import merge_peaks, peak_memory
 from clsvd_jax.train.run_state import RunState
 
 if TYPE_CHECKING:
@@ -27,6 +28,10 @@ def write(ctx: RunContext, state: RunState) -> dict[str, Any]:
                                                    "label)")
   if options:
     ctx.say(options)
+  ranks = outputs.format_rank_table(res, title=f"[{ctx.config.method}] rank classification (accuracy %: the likeliest "
+                                               "label option)")
+  if ranks:
+    ctx.say(ranks)
   ctx.say(outputs.format_summary(res))
   if res["diverged"]:
     ctx.say(f"warning: training diverged on {', '.join(res['diverged'])} (see the warnings above)")
@@ -40,6 +45,7 @@ def results(ctx: RunContext, state: RunState) -> dict[str, Any]:
   totals = state.totals or [len(s) for s in p.eval_splits]
   summary = metrics_lib.summarize(r, baseline=state.baseline, correct_last=state.counts[-1], total=totals)
   sched = ctx.scheduler.to_dict() if ctx.scheduler is not None else {"records": []}
+  extras = ctx.hooks.results(state) if ctx.hooks is not None else {}
   return {
     "name": config.name or config.method,
     "method": config.method,
@@ -60,6 +66,9 @@ def results(ctx: RunContext, state: RunState) -> dict[str, Any]:
                   "compute_dtype": "bfloat16" if config.training.bf16_compute else "float32"},
     "option_rate": state.option_rates,
     "option_rate_initial": state.baseline_option_rate,
+    "R_rank": state.R_rank,
+    "R_rank_initial": state.baseline_rank,
+    "rank_metrics": metrics_lib.summarize_partial(state.R_rank, state.baseline_rank),
     "predictions": ([outputs.prediction_file(None)] if state.baseline is not None else [])
                    + [outputs.prediction_file(ctx.stage_name(si)) for si in range(len(r))],
     "train_loss": state.losses,
@@ -69,8 +78,10 @@ def results(ctx: RunContext, state: RunState) -> dict[str, Any]:
     "train_seen_tokens": state.seen_tokens,
     "train_seconds": state.train_seconds,
     "eval_seconds": state.eval_seconds,
+    "boundary_seconds": state.boundary_seconds,
+    "peak_memory": merge_peaks(state.peak_memory, peak_memory()),
     "tokens_per_second": state.seen_tokens / max(state.train_seconds, 1e-9),
     "target_tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
     "model_config": model_io.model_config_dict(p.model),
     "config": config.to_dict(),
-  }
+  } | extras
