@@ -126,8 +126,9 @@ def plan(config_path: str | os.PathLike[str], methods: Sequence[str], seeds: Seq
     ConfigError: a config (with its overrides) that does not load, naming the method and seed.
   """
   specs = []
-  for method in methods:
-    for seed in seeds:
+  # Seed-major: a comparison stopped part-way has every method at the seeds it finished.
+  for seed in seeds:
+    for method in methods:
       spec = RunSpec(method, seed, Path(out) / method / f"seed_{seed}",
                      tuple(overrides) + (f"method={method}", f"training.seed={seed}", f"model.init_seed={seed}",
                                          f"name={method}-seed{seed}", "training.progress=false"))

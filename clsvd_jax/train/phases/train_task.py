@@ -74,8 +74,10 @@ def train_task(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainSta
   it = ctx.hooks.train_batches(ctx, state) if ctx.hooks is not None else train_iterator(ctx, si, state.position)
   total = steps_for(ctx, it)
   if state.step == 0:
-    # to_host: the norm of parameters spread over several processes comes back through a collective.
-    state.task_stats.param_norm = float(distributed.to_host(optax.global_norm(arrays.params)))
+    # One jitted program, not one eager program per leaf: on several processes each eager reduction is a
+    # collective program of its own, and a stream of them in flight deadlocked the CPU collectives (2 threads, 4
+    # devices per process; test_train_two_processes). to_host gathers a result spread over processes.
+    state.task_stats.param_norm = float(distributed.to_host(_global_norm(arrays.params)))
   loop = _Loop(ctx, state, arrays, total)
   with loop.progress_bar():
     while state.step < total:
@@ -92,6 +94,9 @@ def train_task(ctx: RunContext, state: RunState, arrays: TrainState) -> TrainSta
         loop.restart_clock()  # training throughput leaves the save out
   _finish_task(ctx, state, total)
   return loop.arrays()
+
+
+_global_norm = jax.jit(optax.global_norm)
 
 
 @jax.jit
