@@ -190,7 +190,9 @@ def test_a_failed_config_leaves_no_run_dir(tmp_path):
     runner.run(C.from_dict(d), echo=None)
   assert not (tmp_path / "bad_data").exists()
   d = _config(tmp_path, tmp_path / "bad_policy", steps_per_task=2)
-  # default freeze: osft's own default for a model built from scratch trains the non-matrix parameters.
+  # osft (seqft trains everything whatever the policy); default freeze: osft's own default for a model built from
+  # scratch trains the non-matrix parameters.
+  d["method"] = "osft"
   d["osft"]["param_policy"] = {"constrain": ["nothing_matches$"], "default": "freeze"}
   with pytest.raises(Exception, match="no parameter is constrained or trained"):
     runner.run(C.from_dict(d), echo=None)
