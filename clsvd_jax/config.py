@@ -33,6 +33,7 @@ import yaml
 from etils import epath
 
 from clsvd_jax.data.tasks import DataError, parse_task_specs
+from clsvd_jax.methods.registry import METHODS
 
 
 class ConfigError(ValueError):
@@ -515,8 +516,6 @@ def _check(config: RunConfig, source: str) -> None:
 
   def fail(key: str, msg: str) -> None:
     raise ConfigError(f"{source}: {key}: {msg}")
-
-  from clsvd_jax.train.methods import METHODS  # the registry lives with the runner
 
   for key, value in _floats(config, ""):
     if not math.isfinite(value):

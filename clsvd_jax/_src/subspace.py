@@ -370,6 +370,11 @@ def slots_by_path(tree: Any, what: str = "subspaces") -> dict[str, Any]:
   return out
 
 
+def subspaces_by_path(tree: Any) -> dict[str, Subspace]:
+  """``{path: Subspace}`` of the slots of a subspace tree that hold one (None and masked slots left out)."""
+  return {path: s for path, s in slots_by_path(tree).items() if isinstance(s, Subspace)}
+
+
 def _field_of(key_path: tuple[Any, ...]) -> str:
   for key in reversed(key_path):
     name = tree_paths.key_str(key)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-AXES = ("data", "fsdp", "tensor")
+from clsvd_jax._src.partition_rules import AXES
 
 
 def resolve_mesh_shape(spec: Mapping[str, int] | Sequence[int] | None, num_devices: int) -> tuple[int, int, int]:
