@@ -1,4 +1,4 @@
-"""Rank policies: how many directions each matrix protects before a task (DESIGN 4).
+"""Rank policies: how many directions each matrix protects before a task (docs/design.md §4).
 
 Every policy returns ``{path: int32 array of the matrix's batch shape}`` and guarantees, per matrix,
 ``previous <= k <= min(m, n) - min_trainable`` (clipped at 0 below), so protected subspaces only grow and some

@@ -1,4 +1,4 @@
-"""Device meshes with the three axes every sharding rule of the project names: data, fsdp, tensor (DESIGN 10).
+"""Device meshes with the three axes every sharding rule of the project names: data, fsdp, tensor (docs/design.md §10).
 
 ``data`` is pure data parallelism (parameters replicated along it), ``fsdp`` shards parameters, moments and bases
 (and the batch), ``tensor`` splits matrices along their heads / hidden units (Megatron-style column and row

@@ -1,4 +1,4 @@
-"""Input covariances of the constrained matrices on calibration batches (basis source ``activations``, DESIGN 4b).
+"""Input covariances of the constrained matrices on calibration batches (``activations`` source, docs/design.md §4b).
 
 For a matrix W ``[out, in]`` applied as ``y = x W^T`` the statistic is ``C = sum_t x_t x_t^T`` ``[in, in]`` over
 the real (non-pad) tokens of the calibration batches; ``compute_subspaces(..., covariances=...)`` takes its

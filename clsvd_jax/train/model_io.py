@@ -91,9 +91,9 @@ def to_master_weights(model: Any) -> Any:
 
   The optimizer updates these parameters directly, so they must hold float32: a bf16 parameter rounds every
   update to 8 bits of mantissa, which moves the protected directions (``||U^T dW|| / ||dW||`` = 0.47 measured) and
-  drops most updates at small learning rates (DESIGN 6b; ``tests/train/test_master_weights.py``). The cast is exact
-  (bf16 and float16 values are float32 values); bf16 compute is the train step's ``bf16_compute``. The float32
-  copy is real memory: ``clsvd inspect --memory`` counts it.
+  drops most updates at small learning rates (docs/design.md §6b; ``tests/train/test_master_weights.py``). The cast
+  is exact (bf16 and float16 values are float32 values); bf16 compute is the train step's ``bf16_compute``. The
+  float32 copy is real memory: ``clsvd inspect --memory`` counts it.
   """
   _, params = functional(model)
   leaves = jax.tree.leaves(params)
