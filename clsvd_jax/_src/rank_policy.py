@@ -3,6 +3,10 @@
 Every policy returns ``{path: int32 array of the matrix's batch shape}`` and guarantees, per matrix,
 ``previous <= k <= min(m, n) - min_trainable`` (clipped at 0 below), so protected subspaces only grow and some
 directions always stay trainable. Ranks are data: they are fed to ``compute_subspaces`` and never change shapes.
+
+Beside the policies, the NumPy pieces the task scheduler (``clsvd_jax.train.scheduler``) combines them with: block
+importance from cosines and per matrix, incremental growth, the energy extension of a protected subspace, and the
+largest rank a subspace's capacity can store.
 """
 
 from __future__ import annotations
