@@ -106,9 +106,9 @@ def _batch(kind: str, vocab: int, b: int, s: int, t: int, seed: int) -> dict[str
 
 def cpu_small_part(config: Path, overrides: tuple[str, ...], solver: str, steps: int) -> dict[str, Any]:
   """Boundary phases (cold and warm) against one epoch of the config's first task, see the module docstring."""
-  from clsvd_jax import scheduler as sched_lib
   from clsvd_jax.config import load_config
   from clsvd_jax.train import covariance, model_io
+  from clsvd_jax.train import scheduler as sched_lib
 
   cfg = load_config(config, overrides)
   model = model_io.build_model(cfg.model, base_dir=config.parent)

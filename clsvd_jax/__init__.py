@@ -4,7 +4,7 @@ The core is an optax transformation: ``constrained(inner)`` keeps every update o
 orthogonal complement of its protected subspaces, so ``U^T dW = 0`` and ``dW V = 0`` hold exactly. It runs in
 plain optax loops and inside ``nnx.Optimizer``; ``MatrixAxes`` says which axes of a parameter are its input and
 output (Flax ``[in, out]`` kernels, ``nnx.Einsum`` kernels with more axes). ``scale_by_orthogonal_complement`` is
-another name for ``constrained``.
+an alias of ``constrained`` (the same function, in optax's ``scale_by_*`` naming); the docs use ``constrained``.
 """
 
 from clsvd_jax._src import rank_policy

@@ -200,7 +200,8 @@ def _memory_report(target: str, *, accelerator: str | None = None, devices: int 
       model_config = m.path if Path(m.path).is_absolute() else str(Path(cfg.data_dir or ".") / m.path)
     else:
       model_config = {"model_type": m.family, **(m.config or {})}
-    # Float32 master weights whatever model.dtype reads the checkpoint in (DESIGN 6b); bf16 compute adds a copy.
+    # Float32 master weights whatever model.dtype reads the checkpoint in (docs/design.md §6b); bf16 compute adds a
+    # copy.
     kwargs |= {"dtype": "float32", "compute_dtype": "bfloat16" if cfg.training.bf16_compute else None,
                "policy": step_lib.policy_of_run(cfg).policy, "max_rank_ratio": cfg.osft.max_rank_ratio}
     if cfg.mesh is not None:

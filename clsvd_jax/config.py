@@ -33,6 +33,7 @@ import yaml
 from etils import epath
 
 from clsvd_jax.data.tasks import DataError, parse_task_specs
+from clsvd_jax.methods.registry import METHODS
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,7 @@ class ModelConfig:
     tokenizer_vocab_size: vocabulary size of the ``bpe`` tokenizer.
     dtype: the precision the weights are read in, ``float32`` or ``bfloat16`` (``bfloat16`` rounds every weight
       to bf16 first: exact for a bf16 checkpoint, the values a bf16 model has). Whatever it is, the model is
-      trained and evaluated with float32 master weights (DESIGN 6b: updating bf16 parameters breaks the
+      trained and evaluated with float32 master weights (docs/design.md §6b: updating bf16 parameters breaks the
       orthogonality guarantee, ``||U^T dW|| / ||dW||`` ~0.5); bf16 compute is ``training.bf16_compute``.
     init_seed: seed of the random initialisation of an inline config.
   """
@@ -75,7 +76,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class RankPolicyConfig:
-  """How many directions each matrix protects before a task (DESIGN 4).
+  """How many directions each matrix protects before a task (docs/design.md §4).
 
   Attributes:
     name: ``importance`` (the paper: retention ratio from block importance), ``schedule`` (ratio grows with the
@@ -140,7 +141,7 @@ class OsftConfig:
     sides: projection variant ``both`` | ``left`` | ``right`` | ``block``.
     project_gradients: also project the incoming gradient (the moments then live in the complement).
     basis_source: ``weights`` (the paper: SVD of W) or ``activations`` (input covariances of the finished tasks at
-      each constrained matrix, DESIGN 4b; needs ``start_protecting_from: 2`` and a model family that exposes
+      each constrained matrix, docs/design.md §4b; needs ``start_protecting_from: 2`` and a model family that exposes
       matrix inputs).
     rank_policy: see ``RankPolicyConfig``.
     min_trainable: directions of every matrix that always stay free.
@@ -515,8 +516,6 @@ def _check(config: RunConfig, source: str) -> None:
 
   def fail(key: str, msg: str) -> None:
     raise ConfigError(f"{source}: {key}: {msg}")
-
-  from clsvd_jax.train.methods import METHODS  # the registry lives with the runner
 
   for key, value in _floats(config, ""):
     if not math.isfinite(value):

@@ -1,4 +1,4 @@
-"""Which parameters are constrained, frozen or trained freely: regex rules over parameter paths (DESIGN 6)."""
+"""Which parameters are constrained, frozen or trained freely: regex rules over parameter paths (docs/design.md §6)."""
 
 from __future__ import annotations
 

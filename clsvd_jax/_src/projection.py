@@ -232,7 +232,7 @@ def constrained(inner: optax.GradientTransformation, *, sides: str = "both", pro
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-scale_by_orthogonal_complement = constrained  # the descriptive name; ``constrained`` is the one the docs use
+scale_by_orthogonal_complement = constrained  # an alias in optax's scale_by_* naming; the docs use ``constrained``
 
 
 def _find_states(opt_state: Any) -> list[Any]:

@@ -1,7 +1,7 @@
 """Task-boundary accumulation for large matrices: randomized subspace iteration and QR assembly, no d x d solve.
 
 ``compute_subspaces(..., solver="randomized")`` lands here. It returns what the exact path
-(``subspace._accumulate``) returns: the same stored form (protected or allowed columns, zero padded, same flags and
+(``subspace.accumulate``) returns: the same stored form (protected or allowed columns, zero padded, same flags and
 ranks), the previous subspace kept exactly, the new directions taken from the complement part ``R = P(W)``
 (weights source) or from the projected input / output covariances (activations source). What changes is the work:
 

@@ -1,13 +1,17 @@
-"""Rank policies: how many directions each matrix protects before a task (DESIGN 4).
+"""Rank policies: how many directions each matrix protects before a task (docs/design.md §4).
 
 Every policy returns ``{path: int32 array of the matrix's batch shape}`` and guarantees, per matrix,
 ``previous <= k <= min(m, n) - min_trainable`` (clipped at 0 below), so protected subspaces only grow and some
 directions always stay trainable. Ranks are data: they are fed to ``compute_subspaces`` and never change shapes.
+
+Beside the policies, the NumPy pieces the task scheduler (``clsvd_jax.train.scheduler``) combines them with: block
+importance from cosines and per matrix, incremental growth, the energy extension of a protected subspace, and the
+largest rank a subspace's capacity can store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -75,6 +79,45 @@ def retention_ratio(importance: Any, *, mrr: float = 0.1, trr: float = 0.8) -> n
     raise ValueError(f"need 0 <= mrr <= trr <= 1, got mrr={mrr}, trr={trr}")
   imp = np.clip(np.asarray(importance, np.float64), 0.0, 1.0)
   return mrr + imp * (trr - mrr)
+
+
+def importance_from_cosines(cosines: Mapping[str, Any], direction: str = "1-cos") -> dict[str, np.ndarray]:
+  """Raw importance per block: ``1 - cos`` (blocks that change the residual stream most matter most) or ``cos``."""
+  if direction not in ("1-cos", "cos"):
+    raise ValueError(f"importance direction must be '1-cos' or 'cos', got {direction!r}")
+  return {k: (1.0 - np.asarray(v, np.float64)) if direction == "1-cos" else np.asarray(v, np.float64)
+          for k, v in cosines.items()}
+
+
+def stack_of(path: str, stacks: Iterable[str]) -> str | None:
+  """The stack prefix (``layers``, ``encoder/layers``, ...) a parameter path belongs to (longest match)."""
+  best = None
+  for s in stacks:
+    if (path == s or path.startswith(s + "/")) and (best is None or len(s) > len(best)):
+      best = s
+  return best
+
+
+def importance_by_matrix(normalized: Mapping[str, np.ndarray], shapes: Mapping[str, Shape]) -> dict[str, np.ndarray]:
+  """Each matrix takes its block's normalised importance: ``[L]`` for a stack, the mean for a lone matrix.
+
+  Raises:
+    ValueError: naming the matrix, when no stack covers it or the layer counts differ.
+  """
+  out = {}
+  for path, shape in shapes.items():
+    stack = stack_of(path, normalized)
+    if stack is None:
+      raise ValueError(f"no block importance covers {path!r}; measured stacks: {sorted(normalized)}")
+    imp = np.asarray(normalized[stack], np.float64)
+    batch = tuple(shape[:-2])
+    if batch == imp.shape:
+      out[path] = imp
+    elif not batch:
+      out[path] = np.asarray(imp.mean())
+    else:
+      raise ValueError(f"{path!r} has {batch} stacked matrices but its stack {stack!r} has {imp.shape} blocks")
+  return out
 
 
 def importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape], *, mrr: float = 0.1,
@@ -152,3 +195,55 @@ def energy_ranks(singular_values: Mapping[str, Any], eps: float, *, shapes: Mapp
     shape = tuple(shapes[path]) if shapes is not None else tuple(s.shape) + (s.shape[-1],)
     out[path] = finish_ranks(path, energy_rank(s, eps), shape, previous, min_trainable)
   return out
+
+
+def incremental_importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape], *, mrr: float,
+                                 trr: float, previous: Mapping[str, Any] | None,
+                                 min_trainable: int) -> dict[str, np.ndarray]:
+  """Each task protects a fraction r (the paper's retention ratio) of the directions still free."""
+  out = {}
+  for path, shape in shapes.items():
+    r = retention_ratio(importance[path], mrr=mrr, trr=trr)
+    prev = np.zeros(shape[:-2], np.int64) if previous is None or path not in previous else np.asarray(previous[path])
+    free = min(shape[-2:]) - prev
+    k = prev + np.floor(r * free + 1e-9).astype(np.int64)
+    out[path] = finish_ranks(path, k, shape, previous, min_trainable)
+  return out
+
+
+def energy_extension(protected_energy: np.ndarray, spectrum: np.ndarray, total: np.ndarray,
+                     eps: float) -> np.ndarray:
+  """New directions needed so protected + top-j of the complement spectrum keep ``eps`` of the total energy.
+
+  Args:
+    protected_energy: ``[...]`` energy already inside the protected subspace.
+    spectrum: ``[..., r]`` complement spectrum (singular values), descending.
+    total: ``[...]`` total energy.
+    eps: target fraction.
+  """
+  s2 = np.square(np.asarray(spectrum, np.float64))
+  need = eps * np.asarray(total, np.float64) - np.asarray(protected_energy, np.float64)
+  cum = np.cumsum(s2, -1)
+  # j = number of complement directions until the cumulative energy reaches the need (0 if already met).
+  j = (cum < need[..., None] - 1e-12 * np.maximum(total[..., None], 1.0)).sum(-1) + 1
+  j = np.where(need <= 0, 0, np.minimum(j, s2.shape[-1]))
+  return j.astype(np.int64)
+
+
+def capacity_rank(shape: Shape, capacity: tuple[int, int] | None) -> int:
+  """The largest rank both sides of a subspace of this ``(left, right)`` capacity can represent (up to min(m, n)).
+
+  A side stores the k protected or the d - k allowed columns (docs/design.md §5), so rank k fits a side of
+  capacity c when ``k <= c`` or ``d - k <= c``; None: no subspace yet, every rank fits.
+  """
+  m, n = shape[-2:]
+  if capacity is None:
+    return min(m, n)
+  c_left, c_right = capacity
+  best = 0
+  for k in range(min(m, n) + 1):
+    if (k <= c_left or m - k <= c_left) and (k <= c_right or n - k <= c_right):
+      best = k
+    else:
+      break
+  return best

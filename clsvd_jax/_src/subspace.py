@@ -5,12 +5,13 @@ V (n x k). The projection that keeps the protected part of W fixed is
 
     P(G) = (I - U U^T) G (I - V V^T).
 
-Static shapes (DESIGN 5): each side stores ONE basis B with a fixed number of columns (the capacity c), zero
+Static shapes (docs/design.md §5): each side stores ONE basis B with a fixed number of columns (the capacity c), zero
 padded, and a flag. With ``allow=False`` B holds the protected directions and the side applies ``G - B B^T G``;
 with ``allow=True`` B holds the allowed directions (the complement) and the side applies ``B B^T G``. A side stores
-whichever of the two is smaller, so a capacity of ``dim // 2`` represents every rank and the bases of one matrix
-never cost more than the matrix. Zero columns project nothing, hence ranks are data: changing them between tasks
-keeps every shape and dtype, and a jitted train step does not recompile.
+whichever of the two is smaller, so a capacity of ``dim // 2`` represents every rank; the bases of one matrix then
+cost exactly the matrix when it is square, and up to 1.25x a 2:1 one unless a rank cap bounds the capacity
+(``default_capacity``, docs/design.md §5). Zero columns project nothing, hence ranks are data: changing them
+between tasks keeps every shape and dtype, and a jitted train step does not recompile.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def default_capacity(m: int, n: int, max_rank_ratio: float = 1.0) -> tuple[int, 
   always suffice, and ranks never exceed ``K = ceil(max_rank_ratio * min(m, n))``: capacity ``min(d // 2, K)``.
   Cost per matrix relative to W (m >= n, a = m / n, rho = K / n): ``min(rho, a/2) + min(rho, 1/2) / a``; that is
   exactly 1 for square matrices at the full range and at most 1 for rank caps up to about 0.8 on LLaMA's shapes,
-  but up to 1.25 for a 2:1 matrix at the full range (DESIGN 5's "never more than the weight" needs a cap there).
+  but up to 1.25 for a 2:1 matrix at the full range (docs/design.md §5: "no more than the weight" holds there only
+  with a rank cap).
   """
   if not 0.0 < max_rank_ratio <= 1.0:
     raise ValueError(f"max_rank_ratio must lie in (0, 1], got {max_rank_ratio}")
@@ -252,7 +254,7 @@ def _top_new_directions(gram: jax.Array, proj: jax.Array, count: jax.Array) -> t
 
 def _accumulate_one(w: jax.Array, k: jax.Array, prev: Subspace, capacity: tuple[int, int],
                     cov: jax.Array | None = None) -> tuple[Subspace, jax.Array]:
-  """Grows one matrix's subspace to rank ``k`` (DESIGN 3 and 4b).
+  """Grows one matrix's subspace to rank ``k`` (docs/design.md §3 and §4b).
 
   Returns the subspace and the spectrum the new directions were taken from: singular values of the complement
   part R (weights source) or square roots of the eigenvalues of the projected input covariance (activations).
@@ -370,6 +372,11 @@ def slots_by_path(tree: Any, what: str = "subspaces") -> dict[str, Any]:
   return out
 
 
+def subspaces_by_path(tree: Any) -> dict[str, Subspace]:
+  """``{path: Subspace}`` of the slots of a subspace tree that hold one (None and masked slots left out)."""
+  return {path: s for path, s in slots_by_path(tree).items() if isinstance(s, Subspace)}
+
+
 def _field_of(key_path: tuple[Any, ...]) -> str:
   for key in reversed(key_path):
     name = tree_paths.key_str(key)
@@ -438,8 +445,8 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
   """Protected subspaces for the selected matrices of ``params``.
 
   The SVD runs in float32. Without ``previous`` the protected directions are the top-k singular directions of each
-  W. With ``previous`` the subspaces ACCUMULATE (DESIGN 3): the result contains the old subspace exactly and adds
-  the top ``k - k_old`` singular directions of the complement part ``(I - UU^T) W (I - VV^T)``.
+  W. With ``previous`` the subspaces ACCUMULATE (docs/design.md §3): the result contains the old subspace exactly and
+  adds the top ``k - k_old`` singular directions of the complement part ``(I - UU^T) W (I - VV^T)``.
 
   Args:
     params: pytree of parameters: nested dicts, ``nnx.state(model, nnx.Param)`` or ``nnx.to_pure_dict`` of it.
@@ -456,11 +463,11 @@ def compute_subspaces(params: Any, ranks: Any, previous: Any = None, *,
     dtype: dtype of the stored bases.
     return_singular_values: also return ``{path: spectrum}``: singular values of the complement part, or square
       roots of the eigenvalues of the projected input covariance (for energy ranks).
-    covariances: basis source ``activations`` (DESIGN 4b) for the paths it names: ``{path: [..., n, n]}`` sums of
-      x x^T over calibration inputs of each matrix (x the matrix's input of size n, ``axes`` says which axes of the
-      parameter those are). New right (input) directions are the top eigenvectors of the covariance projected onto
-      the complement; new left (output) directions those of the output covariance W C W^T. Other paths use the
-      weights (the paper's source).
+    covariances: basis source ``activations`` (docs/design.md §4b) for the paths it names: ``{path: [..., n, n]}``
+      sums of x x^T over calibration inputs of each matrix (x the matrix's input of size n, ``axes`` says which axes
+      of the parameter those are). New right (input) directions are the top eigenvectors of the covariance projected
+      onto the complement; new left (output) directions those of the output covariance W C W^T. Other paths use
+      the weights (the paper's source).
     axes: which axes of each parameter are its input and output (``clsvd_jax.MatrixAxes``; default: ``[in, out]``
       for a 2-D Flax ``kernel``, ``[..., out, in]`` otherwise). Give ``constrained`` the same.
     solver: ``exact`` (full SVD / eigh) or ``randomized`` (``clsvd_jax._src.randomized``: randomized subspace

@@ -1,4 +1,4 @@
-"""Answer normalisation for exact match (DESIGN 9): lower-case, strip punctuation, collapse whitespace."""
+"""Answer normalisation for exact match (docs/design.md §9): lower-case, strip punctuation, collapse whitespace."""
 
 from __future__ import annotations
 

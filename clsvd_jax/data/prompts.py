@@ -1,4 +1,4 @@
-"""Prompt templates (DESIGN 8).
+"""Prompt templates (docs/design.md §8).
 
 The default is O-LoRA's prompt, character for character, so that accuracies compare with the literature:
 ``"Task:<group>\\nDataset:<name>\\n" + instruction + "Option: <labels joined by ', '> \\n" + sentence + "\\nAnswer:"``

@@ -1,6 +1,6 @@
 """Readers that turn a ``TaskSpec`` into a ``Task`` and lists of ``Example``.
 
-Sources (DESIGN 8):
+Sources (docs/design.md §8):
   * ``cl_benchmark``: O-LoRA's CL_Benchmark layout ``<root>/<group>/<task>/{train,dev,test,labels}.json`` with
     ``<root>/instruction_config.json``; records ``{"label", "sentence"}``.
   * ``trace``: TRACE-style ``<path>/<split>.json`` (or ``.jsonl``) lists of ``{"prompt", "answer"}``.

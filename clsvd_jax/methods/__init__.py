@@ -15,6 +15,9 @@ phase it plugs into:
 * ``pertask``: one fresh model per task (boundary: restart from the initial params; evaluation: ``PerTaskPlan``
   says which parameters score which task, so a row costs one evaluation).
 
+The method registry (``registry``: each method's stages, config sections and runner hooks, by name) is a leaf module
+here too, so ``clsvd_jax.config`` can validate a method name without importing the runner.
+
 Rank classification (scoring label options by likelihood, for every method) lives in
 ``clsvd_jax.train.rank_classification``.
 """

@@ -189,7 +189,7 @@ def constrained_matrices(model: Any) -> dict[str, tuple[int, ...]]:
 
 def matrix_input_covariances(model: Any, batches: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
   """``{path: [L, in, in]}``: sums of ``x x^T`` over the real tokens of ``batches`` of the input of every matrix
-  ``constrained_matrices`` lists (the ``activations`` basis source, DESIGN 4b).
+  ``constrained_matrices`` lists (the ``activations`` basis source, docs/design.md §4b).
 
   Batches are dicts of the model's call arguments by name (LLaMA: ``input_ids``, ``attention_mask``; T5 also
   ``decoder_input_ids``, ``decoder_attention_mask``); masks mark real tokens.

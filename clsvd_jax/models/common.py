@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clsvd_jax._src import partition_rules as partition_rules_lib
+
 Params = dict[str, Any]
 # How a parameter starts: the standard deviation of a normal draw, or constant ones / zeros.
 Init = float | Literal["ones", "zeros"]
@@ -173,15 +175,14 @@ def from_hf(entries: Iterable[Entry], get: Callable[[str], Any], stack: Callable
 
 def sharding_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh | None,
                  partition_rules: Sequence[tuple[str, Any]] | None) -> jax.sharding.Sharding | None:
-  """Where a loaded tensor goes: None without a mesh, else the project's partition-rule semantics
-  (``clsvd_jax.parallel.rules``): the first matching regex wins, its spec covers the trailing dims (the stacked layer
-  axis stays whole), logical axes map to mesh axes, and a dim its mesh axes do not divide is replicated."""
+  """Where a loaded tensor goes: None without a mesh, else the project's partition rules
+  (``clsvd_jax._src.partition_rules``): the first matching regex wins, its spec covers the trailing dims (the
+  stacked layer axis stays whole), logical axes map to mesh axes, and a dim its mesh axes do not divide is
+  replicated."""
   if mesh is None:
     return None
-  from clsvd_jax.parallel import rules as rules_lib  # models must not need the parallel package to import
-
-  rules = rules_lib.DEFAULT_RULES if partition_rules is None else tuple(partition_rules)
-  return jax.sharding.NamedSharding(mesh, rules_lib.spec_for(path, shape, mesh, rules))
+  rules = partition_rules_lib.DEFAULT_RULES if partition_rules is None else tuple(partition_rules)
+  return jax.sharding.NamedSharding(mesh, partition_rules_lib.spec_for(path, shape, mesh, rules))
 
 
 def load_stacked(reader: Any, entries: Iterable[Entry], shapes: Mapping[str, tuple[int, ...]], *, dtype: Any,

@@ -1,4 +1,4 @@
-"""Scale: device meshes, partition rules, sharded train steps and boundaries, several hosts (DESIGN 10).
+"""Scale: device meshes, partition rules, sharded train steps and boundaries, several hosts (docs/design.md §10).
 
 Typical use::
 

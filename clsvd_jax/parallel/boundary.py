@@ -1,4 +1,4 @@
-"""Subspaces at task boundaries, computed where the weights live (DESIGN 10).
+"""Subspaces at task boundaries, computed where the weights live (docs/design.md §10).
 
 ``compute_subspaces`` does one batched SVD per stacked weight ``[L, m, n]``. On a mesh this module runs that same
 computation (``clsvd_jax._src.subspace.accumulate``, so the numbers are the single-device ones) with the layer

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of sharded training state, restorable onto a mesh of another shape (DESIGN 10).
+"""Orbax checkpoints of sharded training state, restorable onto a mesh of another shape (docs/design.md §10).
 
 Every process calls ``save_sharded`` with the same global arrays; Orbax writes each shard once (from the process
 that holds it), so the directory must be shared by the hosts (a bucket on a pod). ``restore_sharded`` reads into

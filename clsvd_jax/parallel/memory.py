@@ -4,10 +4,10 @@ Pure arithmetic over shapes and the partition rules (no devices needed), so it a
 v5p-64?" from a laptop: ``clsvd inspect --memory CONFIG`` calls ``memory_report`` and prints
 ``format_memory_report``. Activations are not counted (they depend on batch, sequence length and remat).
 
-Training keeps float32 master weights (DESIGN 6b): ``dtype`` is the dtype of the parameters the optimizer updates,
-and a run with bf16 compute (``training.bf16_compute``) holds, inside the step, a bf16 copy of the parameters on
-top of them (``compute_dtype``; counted as ``compute_copy``). A config's ``model.dtype: bfloat16`` saves nothing
-here: it is the precision the checkpoint is read in, and the weights are then cast to float32.
+Training keeps float32 master weights (docs/design.md §6b): ``dtype`` is the dtype of the parameters the optimizer
+updates, and a run with bf16 compute (``training.bf16_compute``) holds, inside the step, a bf16 copy of the
+parameters on top of them (``compute_dtype``; counted as ``compute_copy``). A config's ``model.dtype: bfloat16``
+saves nothing here: it is the precision the checkpoint is read in, and the weights are then cast to float32.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Device meshes with the three axes every sharding rule of the project names: data, fsdp, tensor (DESIGN 10).
+"""Device meshes with the three axes every sharding rule of the project names: data, fsdp, tensor (docs/design.md §10).
 
 ``data`` is pure data parallelism (parameters replicated along it), ``fsdp`` shards parameters, moments and bases
 (and the batch), ``tensor`` splits matrices along their heads / hidden units (Megatron-style column and row
@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-AXES = ("data", "fsdp", "tensor")
+from clsvd_jax._src.partition_rules import AXES
 
 
 def resolve_mesh_shape(spec: Mapping[str, int] | Sequence[int] | None, num_devices: int) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Shardings of an optimizer state: moments follow their parameters, each basis follows its weight (DESIGN 10).
+"""Shardings of an optimizer state: moments follow their parameters, each basis follows its weight (docs/design.md §10).
 
 The state is matched to the parameters by path, not by tree structure, so any optax state works (chains,
 ``optax.partition``, ``MaskedNode`` gaps, ``clsvd_jax.constrained`` with its ``Subspace`` tree): a state leaf whose
@@ -10,9 +10,9 @@ sharding. A ``Subspace`` at a weight's path of shape ``[..., m, n]`` gets
 * ``left_allow``, ``right_allow``, ``rank`` (one flag / int per matrix): replicated.
 
 So the projection ``B B^T G`` inside the train step multiplies operands that already live on the same devices as
-the update, and a layer's bases cost each device about what its shard of the weight costs (DESIGN 5 keeps the
-bases no larger than the weight). Bases are built here,
-outside ``nnx.Optimizer``'s metadata propagation (which would copy the weight's sharding onto a [m, c] basis).
+the update, and a layer's bases cost each device about what its shard of the weight costs (docs/design.md §5: at
+most the weight's bytes with a rank cap, up to 1.25x for a 2:1 matrix without one). Bases are built here, outside
+``nnx.Optimizer``'s metadata propagation (which would copy the weight's sharding onto a [m, c] basis).
 """
 
 from __future__ import annotations

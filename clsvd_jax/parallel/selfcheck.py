@@ -121,7 +121,7 @@ class Problem:
     layers = self.cfg["layers"]
     self.ranks = {p: (np.arange(layers, dtype=np.int32) % 4) + 1
                   for p, on in tree_paths.flatten_with_paths(self.constrain_mask).items() if on}
-    # The next task's ranks: the subspaces grow from the trained weights (accumulation, DESIGN 3).
+    # The next task's ranks: the subspaces grow from the trained weights (accumulation, docs/design.md §3).
     self.ranks_next = {p: k + 2 for p, k in self.ranks.items()}
     heads, kv = self.cfg["heads"], self.cfg["kv_heads"]
 

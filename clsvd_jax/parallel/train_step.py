@@ -1,9 +1,9 @@
-"""The train step on a mesh: a pure ``step(params, opt_state, batch)`` jitted with explicit shardings (DESIGN 10).
+"""The train step on a mesh: pure, jitted with explicit in / out shardings (docs/design.md §10).
 
-Parameters and optimizer state are donated: the step updates them in place, so a device never holds two copies.
-Inputs and outputs carry the same shardings, hence the step compiles once and consecutive calls feed each other
-without a resharding copy; new subspaces swapped in at a task boundary (``clsvd_jax.set_subspaces``) keep shapes,
-dtypes and shardings, so the step does not recompile either.
+In ``step(params, opt_state, batch)`` parameters and optimizer state are donated: the step updates them in place,
+so a device never holds two copies. Inputs and outputs carry the same shardings, hence the step compiles once and
+consecutive calls feed each other without a resharding copy; new subspaces swapped in at a task boundary
+(``clsvd_jax.set_subspaces``) keep shapes, dtypes and shardings, so the step does not recompile either.
 """
 
 from __future__ import annotations

@@ -336,7 +336,7 @@ def plot_r_matrices(summary: Mapping[str, Any], path: str | os.PathLike[str]) ->
   methods = {k: m for k, m in summary["methods"].items() if m.get("R_mean") is not None}
   if not methods:
     return False
-  plt = outputs._pyplot()
+  plt = outputs.pyplot()
   n = len(methods)
   tasks = next(iter(methods.values()))["tasks"]
   fig, axes = plt.subplots(1, n, figsize=(0.6 + (1.0 + 0.55 * len(tasks)) * n, 1.4 + 0.5 * len(tasks)),
@@ -355,7 +355,7 @@ def plot_r_matrices(summary: Mapping[str, Any], path: str | os.PathLike[str]) ->
     ax.set_yticks(range(r.shape[0]), [str(x)[:12] for x in rows[:r.shape[0]]], fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
   fig.suptitle("R (exact-match accuracy %, row = after training that task; mean over seeds)", fontsize=9)
-  outputs._save_figure(fig, path)
+  outputs.save_figure(fig, path)
   plt.close(fig)
   return True
 

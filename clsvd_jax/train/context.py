@@ -23,12 +23,12 @@ import optax
 from etils import epath
 
 import clsvd_jax as cj
-from clsvd_jax import scheduler as sched_lib
 from clsvd_jax.config import ConfigError, MeshConfig, RunConfig
 from clsvd_jax.train import checkpoint as ckpt_lib
 from clsvd_jax.train import layout as layout_lib
 from clsvd_jax.train import model_io
 from clsvd_jax.train import rank_classification as rank_lib
+from clsvd_jax.train import scheduler as sched_lib
 from clsvd_jax.train import step as step_lib
 from clsvd_jax.train.hooks import MethodHooks
 from clsvd_jax.train.methods import METHOD_SECTIONS, Method, get_method

@@ -1,4 +1,4 @@
-"""Input covariances of the constrained matrices on calibration batches (basis source ``activations``, DESIGN 4b).
+"""Input covariances of the constrained matrices on calibration batches (``activations`` source, docs/design.md §4b).
 
 For a matrix W ``[out, in]`` applied as ``y = x W^T`` the statistic is ``C = sum_t x_t x_t^T`` ``[in, in]`` over
 the real (non-pad) tokens of the calibration batches; ``compute_subspaces(..., covariances=...)`` takes its
@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from clsvd_jax import models
 from clsvd_jax.train import model_io
 
 # The batch fields each family's forward pass reads (the runner's batches also carry labels and loss masks).
@@ -31,9 +32,8 @@ def matrix_input_covariances(model: Any, batches: Sequence[Mapping[str, Any]]) -
       weights`` there).
   """
   family = model_io.family_of(model)
-  fn = getattr(model_io._models_package(), "matrix_input_covariances", None)
-  if fn is None or family not in _CALL_KEYS:
+  if family not in _CALL_KEYS:
     raise NotImplementedError(f"basis_source 'activations' needs matrix inputs, which the {family!r} family does not "
                               "expose; use osft.basis_source: weights")
   keys = _CALL_KEYS[family]
-  return dict(fn(model, [{k: b[k] for k in keys if k in b} for b in batches]))
+  return dict(models.matrix_input_covariances(model, [{k: b[k] for k in keys if k in b} for b in batches]))

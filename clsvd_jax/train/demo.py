@@ -4,12 +4,13 @@ A tiny T5 (built from a config, random weights, the byte-level ByT5 tokenizer: n
 project's own synthetic task stream (``clsvd_jax.data.synthetic``: four tasks, each with its own input alphabet,
 rule and label words) one task after another, once with ``seqft`` (plain AdamW) and once with ``osft`` (the same
 AdamW under the orthogonal-complement constraint). The model is trained from scratch, so protection starts at
-task 2 and the protected directions come from the finished tasks' input activations (design §4b: on a model without
-pretraining the top singular directions of W are mostly its random initialisation, not what task 1 taught it).
+task 2 and the protected directions come from the finished tasks' input activations (docs/design.md §4b: on a
+model without pretraining the top singular directions of W are mostly its random initialisation, not what task 1
+taught it).
 
 Both methods train the same parameters, the attention and MLP matrices (``osft.param_policy.default: freeze``),
 so the comparison isolates the constraint. With osft's own default for a model built from scratch (everything but
-the matrices trains freely, design §6) the unconstrained LM head and embeddings forget: seed 0 gave AA 58.3 /
+the matrices trains freely, docs/design.md §6) the unconstrained LM head and embeddings forget: seed 0 gave AA 58.3 /
 BWT -55.7 against 80.3 / -26.3 with them frozen.
 
 The demo runs every method for three seeds (model initialisation and data order; the stream is the same) and

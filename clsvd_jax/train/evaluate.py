@@ -1,4 +1,4 @@
-"""Evaluation: batched greedy generation with the KV cache and exact match after normalisation (DESIGN 9)."""
+"""Evaluation: batched greedy generation with the KV cache and exact match after normalisation (docs/design.md §9)."""
 
 from __future__ import annotations
 

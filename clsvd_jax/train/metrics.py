@@ -1,12 +1,12 @@
-"""Continual-learning metrics from the accuracy matrix (DESIGN 9) and the per-matrix invariant ratios.
+"""Continual-learning metrics from the accuracy matrix (docs/design.md §9) and the per-matrix invariant ratios.
 
 ``R[i, j]`` is the exact-match accuracy on task j after training task i (rows i = 0..T-1, 0-based). With the
 baseline ``b[j]`` (the model before any training):
 
 * ``AA`` = mean_j R[T-1, j] (average accuracy after the last task; also the per-task mean accuracy);
 * ``BWT`` = mean_{j < T-1} (R[T-1, j] - R[j, j]) (backward transfer; negative = forgetting);
-* ``FWT`` = mean_{j >= 1} (R[j-1, j] - b[j]) (forward transfer: what training on tasks 0..j-1 did for task j,
-  measured against the model before training on j, as in GEM);
+* ``FWT`` = mean_{j >= 1} (R[j-1, j] - b[j]) (forward transfer, as in GEM: what training on tasks 0..j-1 did for
+  task j, measured against the model before any training);
 * ``forgetting`` = mean_{j < T-1} (max_{i < T-1} R[i, j] - R[T-1, j]) (Chaudhry et al.; the last task cannot
   have been forgotten yet);
 * ``pooled_accuracy``: correct answers over all evaluation examples of all tasks after the last task (tasks
@@ -212,7 +212,7 @@ def invariant_ratios(before: Mapping[str, Any], after: Mapping[str, Any], subspa
   return out
 
 
-# The ratios each projection variant keeps at zero (DESIGN 2).
+# The ratios each projection variant keeps at zero (docs/design.md §2).
 INVARIANT_KEYS = {"both": ("left", "right"), "left": ("left",), "right": ("right",), "block": ("block",)}
 
 

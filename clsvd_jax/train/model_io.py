@@ -1,15 +1,13 @@
 """The runner's view of a model: build it from the config, and the functional interface of its family.
 
 Everything goes through ``clsvd_jax.models`` (``from_pretrained``, ``init_from_config``, ``functional``,
-``update_model``, ``generate``, ``block_hidden_states``, ``constrained_matrices``). Where the package-level entry
-point is not available yet, the family module (``clsvd_jax.models.t5`` / ``clsvd_jax.models.llama``) provides the
-same functions.
+``update_model``, ``generate``, ``block_hidden_states``, ``constrained_matrices``), which dispatches to the model's
+family; this module adds the runner's batch layout and its config errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from clsvd_jax import models
 from clsvd_jax.config import ConfigError, ModelConfig
 from clsvd_jax.data.prompts import build_prompt
 from clsvd_jax.data.sources import TaskData
@@ -30,28 +29,9 @@ BPE = "bpe"
 MASTER_DTYPE = jnp.float32
 
 
-def _models_package() -> Any:
-  return importlib.import_module("clsvd_jax.models")
-
-
-def _family_module(family: str) -> Any:
-  try:
-    return importlib.import_module(f"clsvd_jax.models.{family}")
-  except ModuleNotFoundError as e:
-    raise ConfigError(f"model family {family!r} is not available in this installation ({e})") from None
-
-
 def family_of(model: Any) -> str:
-  """``t5`` or ``llama``, from the model's config."""
-  config = getattr(model, "config", None)
-  name = type(config).__name__.lower() if config is not None else type(model).__name__.lower()
-  for family in KIND_BY_FAMILY:
-    if family in name:
-      return family
-  model_type = getattr(config, "model_type", None)
-  if model_type in KIND_BY_FAMILY:
-    return model_type
-  raise ValueError(f"cannot tell the family of model {type(model).__name__}; expected one of {sorted(KIND_BY_FAMILY)}")
+  """``t5`` or ``llama``: the name of the model's family package in ``clsvd_jax.models``."""
+  return models.family_of(model).__name__.rpartition(".")[2]
 
 
 def kind_of(model: Any) -> str:
@@ -59,40 +39,29 @@ def kind_of(model: Any) -> str:
   return KIND_BY_FAMILY[family_of(model)]
 
 
-def _api(model: Any, name: str) -> Callable[..., Any]:
-  """``clsvd_jax.models.<name>`` when the package exports it, else the model family's own function."""
-  fn = getattr(_models_package(), name, None)
-  if fn is None:
-    fn = getattr(_family_module(family_of(model)), name, None)
-  if fn is None:
-    raise NotImplementedError(f"clsvd_jax.models has no {name!r} for the {family_of(model)} family")
-  return fn
-
-
 def functional(model: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
   """``(apply_fn, params)`` of the model (pure, jittable apply)."""
-  return _api(model, "functional")(model)
+  return models.functional(model)
 
 
 def update_model(model: Any, params: Mapping[str, Any]) -> None:
   """Writes ``params`` back into the model in place."""
-  _api(model, "update_model")(model, params)
+  models.update_model(model, params)
 
 
 def generate(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: int,
              eos_token_id: int | None = None) -> Any:
   """Greedy decoding with the KV cache; returns the new tokens ``[B, max_new_tokens]``."""
-  return _api(model, "generate")(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos_token_id)
+  return models.generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_token_id)
 
 
 def block_hidden_states(model: Any, batch: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """Inputs and outputs of every block for one training-layout batch, ``{stack: (in, out)}`` ``[L, B, T, D]``."""
-  fn = _api(model, "block_hidden_states")
   if kind_of(model) == "encoder_decoder":
-    return fn(model, batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
-              batch["decoder_attention_mask"])
-  return fn(model, batch["input_ids"], batch["attention_mask"])
+    return models.block_hidden_states(model, batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                                      batch["decoder_attention_mask"])
+  return models.block_hidden_states(model, batch["input_ids"], batch["attention_mask"])
 
 
 def token_mask_for_stack(stack: str, batch: Mapping[str, Any]) -> Any:
@@ -104,7 +73,7 @@ def token_mask_for_stack(stack: str, batch: Mapping[str, Any]) -> Any:
 
 def constrained_matrices(model: Any) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of the attention and MLP matrices."""
-  return dict(_api(model, "constrained_matrices")(model))
+  return dict(models.constrained_matrices(model))
 
 
 def build_model(cfg: ModelConfig, *, base_dir: str | Path | None = None) -> Any:
@@ -122,9 +91,9 @@ def to_master_weights(model: Any) -> Any:
 
   The optimizer updates these parameters directly, so they must hold float32: a bf16 parameter rounds every
   update to 8 bits of mantissa, which moves the protected directions (``||U^T dW|| / ||dW||`` = 0.47 measured) and
-  drops most updates at small learning rates (DESIGN 6b; ``tests/train/test_master_weights.py``). The cast is exact
-  (bf16 and float16 values are float32 values); bf16 compute is the train step's ``bf16_compute``. The float32
-  copy is real memory: ``clsvd inspect --memory`` counts it.
+  drops most updates at small learning rates (docs/design.md §6b; ``tests/train/test_master_weights.py``). The cast
+  is exact (bf16 and float16 values are float32 values); bf16 compute is the train step's ``bf16_compute``. The
+  float32 copy is real memory: ``clsvd inspect --memory`` counts it.
   """
   _, params = functional(model)
   leaves = jax.tree.leaves(params)
@@ -138,35 +107,14 @@ def to_master_weights(model: Any) -> Any:
 
 def _build(cfg: ModelConfig, base_dir: str | Path | None) -> Any:
   dtype = _DTYPES[cfg.dtype]
-  models = _models_package()
   if cfg.path is not None:
-    path = _resolve(cfg.path, base_dir)
-    loader = getattr(models, "from_pretrained", None)
-    if loader is None:
-      raise ConfigError(f"model.path={cfg.path}: clsvd_jax.models.from_pretrained is not available in this "
-                        "installation")
-    out = loader(str(path), dtype=dtype)
-    return out[0] if isinstance(out, tuple) else out
+    return models.from_pretrained(str(_resolve(cfg.path, base_dir)), dtype=dtype)
   config = dict(cfg.config or {})
-  init = getattr(models, "init_from_config", None)
-  if init is not None:
-    try:
-      return init({**config, "model_type": config.get("model_type", cfg.family)}, seed=cfg.init_seed, dtype=dtype)
-    except (ValueError, KeyError) as e:
-      raise ConfigError(f"model.config: {e}") from None
-  family = _family_module(cfg.family)
-  if cfg.family == "t5":
-    try:
-      hf = {"model_type": "t5", **config}
-      parsed = family.config_from_hf(hf, source="model.config")
-    except (ValueError, KeyError, TypeError) as e:
-      raise ConfigError(f"model.config: {e}") from None
-    return family.init(parsed, seed=cfg.init_seed, dtype=dtype)
-  init_fn = getattr(family, "init_from_config", None) or getattr(family, "init", None)
-  if init_fn is None:
-    raise ConfigError(f"model.family={cfg.family}: this installation cannot build it from an inline config")
-  parsed = family.config_from_hf({"model_type": cfg.family, **config}) if hasattr(family, "config_from_hf") else config
-  return init_fn(parsed, seed=cfg.init_seed, dtype=dtype)
+  try:
+    return models.init_from_config({**config, "model_type": config.get("model_type", cfg.family)},
+                                   seed=cfg.init_seed, dtype=dtype)
+  except (ValueError, KeyError) as e:
+    raise ConfigError(f"model.config: {e}") from None
 
 
 def load_tokenizer(cfg: ModelConfig, *, base_dir: str | Path | None = None,

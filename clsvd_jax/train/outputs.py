@@ -265,7 +265,8 @@ def format_ranks(results: Mapping[str, Any], max_rows: int = 40) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot() -> Any:
+  """``matplotlib.pyplot`` on the Agg backend (no display needed), imported on first use."""
   import matplotlib
 
   matplotlib.use("Agg", force=True)
@@ -274,7 +275,7 @@ def _pyplot():
   return plt
 
 
-def _save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
   """``fig.savefig`` into memory, then one write (savefig cannot write to a URL)."""
   path = run_path(path)
   buf = io.BytesIO()
@@ -283,7 +284,7 @@ def _save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
 
 
 def plot_r_heatmap(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-  plt = _pyplot()
+  plt = pyplot()
   r = np.asarray(results["R"], np.float64) * 100
   tasks = list(results["tasks"])
   names = results.get("row_names") or tasks
@@ -298,12 +299,12 @@ def plot_r_heatmap(results: Mapping[str, Any], path: str | os.PathLike[str]) -> 
   ax.set_title(f"{results.get('method', '')} accuracy (%)")
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  _save_figure(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
 
 
 def plot_task_curves(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-  plt = _pyplot()
+  plt = pyplot()
   r = np.asarray(results["R"], np.float64) * 100
   tasks = list(results["tasks"])
   names = list(results.get("row_names") or tasks)[:len(r)]
@@ -322,7 +323,7 @@ def plot_task_curves(results: Mapping[str, Any], path: str | os.PathLike[str]) -
   ax.legend(fontsize=7, ncol=2)
   ax.set_title(f"{results.get('method', '')}: per-task accuracy")
   fig.tight_layout()
-  _save_figure(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
 
 
@@ -346,7 +347,7 @@ def plot_rank_map(results: Mapping[str, Any], path: str | os.PathLike[str]) -> b
   maps = rank_maps(results)
   if not maps:
     return False
-  plt = _pyplot()
+  plt = pyplot()
   tasks = list(results["tasks"])
   n = len(maps)
   fig, axes = plt.subplots(1, n, figsize=(1.5 + 3.2 * n, 0.9 + 0.45 * len(tasks)), squeeze=False)
@@ -362,7 +363,7 @@ def plot_rank_map(results: Mapping[str, Any], path: str | os.PathLike[str]) -> b
         ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if m[i, j] < 0.6 else "k")
   fig.colorbar(im, ax=axes[0].tolist(), fraction=0.046)
   fig.suptitle("protected fraction of min(m, n) (mean over the block's matrices)", fontsize=9)
-  _save_figure(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
   return True
 

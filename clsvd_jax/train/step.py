@@ -98,7 +98,7 @@ def policy_of_run(config: RunConfig) -> RunPolicy:
 
 def resolve_param_policy(cfg: ParamPolicyConfig, *, constrained: bool, pretrained: bool,
                      method: str = "osft") -> RunPolicy:
-  """Resolves ``default: auto`` for a method and a model start (DESIGN 6), with the reason for results.json.
+  """Resolves ``default: auto`` for a method and a model start (docs/design.md §6), with the reason for results.json.
 
   Args:
     cfg: the ``osft.param_policy`` section.

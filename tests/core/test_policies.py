@@ -64,6 +64,23 @@ def test_policy_errors(call, pattern):
     call()
 
 
+def test_capacity_rank_is_the_largest_rank_both_sides_can_store():
+  # A side of dimension d and capacity c stores k protected or d - k allowed columns: k fits when k <= c or d - k <= c.
+  assert rank_policy.capacity_rank((8, 4), None) == 4
+  assert rank_policy.capacity_rank((8, 4), (2, 2)) == 2  # left (d 8, c 2) holds k <= 2 or k >= 6; k = 3 does not fit
+  assert rank_policy.capacity_rank((8, 4), (4, 2)) == 4  # the default capacity (d // 2 per side) holds every rank
+  assert rank_policy.capacity_rank((3, 8, 4), tuple(cj.default_capacity(8, 4, 0.5))) == 2  # a cap at half the range
+  for m, n in ((6, 6), (10, 4)):
+    for c_left in range(m // 2 + 1):
+      for c_right in range(n // 2 + 1):
+        fits = [k for k in range(min(m, n) + 1)
+                if (k <= c_left or m - k <= c_left) and (k <= c_right or n - k <= c_right)]
+        # Fitting ranks form a prefix up to the bound: a rank that fits only from the top end (d - k <= c) and lies
+        # beyond a gap is not reachable by growing, so the bound stops at the first rank that does not fit.
+        want = next((k - 1 for k in range(min(m, n) + 1) if k not in fits), min(m, n))
+        assert rank_policy.capacity_rank((m, n), (c_left, c_right)) == want
+
+
 def test_default_param_policy_matches_llama_and_t5_paths():
   policy = cj.ParamPolicy()
   constrained = [

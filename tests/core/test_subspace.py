@@ -1,4 +1,4 @@
-"""compute_subspaces: SVD bases, accumulation between tasks (DESIGN 3), bad input, property tests."""
+"""compute_subspaces: SVD bases, accumulation between tasks (docs/design.md §3), bad input, property tests."""
 
 import re
 
@@ -108,8 +108,8 @@ def test_accumulation_after_training_contains_old_and_adds_complement_top():
   added_v = rvt[: k2 - k1].T
   assert _span_distance(u_new, np.concatenate([u_old, added_u], 1)) < 1e-4
   assert _span_distance(v_new, np.concatenate([v_old, added_v], 1)) < 1e-4
-  # Theory (DESIGN 3): W1 stays block-diagonal in [U, U_perp] x [V, V_perp], so the old singular triplets are still
-  # exact singular triplets of W1 and the protected block U^T W V did not move.
+  # Theory (docs/design.md §3): W1 stays block-diagonal in [U, U_perp] x [V, V_perp], so the old singular triplets
+  # are still exact singular triplets of W1 and the protected block U^T W V did not move.
   np.testing.assert_allclose((np.eye(12) - u_old @ u_old.T) @ w1 @ v_old, 0.0, atol=1e-4)
   np.testing.assert_allclose(u_old.T @ w1 @ (np.eye(8) - v_old @ v_old.T), 0.0, atol=1e-4)
   np.testing.assert_allclose(u_old.T @ w1 @ v_old, u_old.T @ w0 @ v_old, atol=1e-4)
@@ -203,7 +203,8 @@ def test_property_projection_invariants(m, n, layers, rank_frac, sides, seed):
 
 
 def test_activation_source_protects_the_inputs_the_old_task_used():
-  """DESIGN 4b: right bases from the input covariance keep W x fixed for every old input x (GPM with sides=right)."""
+  """docs/design.md §4b: right bases from the input covariance keep W x fixed for every old input x (GPM with
+  sides=right)."""
   rng = np.random.RandomState(0)
   x_old = rng.randn(3, 64).T @ rng.randn(3, 10)  # 64 inputs in a 3-dim subspace of R^10
   w0 = jnp.asarray(rng.randn(6, 10), jnp.float32)

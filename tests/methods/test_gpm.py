@@ -10,9 +10,9 @@ import pytest
 
 import clsvd_jax as cj
 from clsvd_jax import models
-from clsvd_jax import scheduler as sched_lib
 from clsvd_jax.config import OsftConfig
 from clsvd_jax.methods import gpm
+from clsvd_jax.train import scheduler as sched_lib
 from clsvd_jax.train.step import token_losses
 
 LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -18,8 +18,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import clsvd_jax as cj  # noqa: E402
-from clsvd_jax import scheduler as sched_lib  # noqa: E402
 from clsvd_jax.config import OsftConfig, RankPolicyConfig  # noqa: E402
+from clsvd_jax.train import scheduler as sched_lib  # noqa: E402
 
 D_MODEL, D_FF = 128, 256
 

@@ -1,5 +1,5 @@
-"""Float32 master weights (DESIGN 6b): why the parameters the optimizer updates must be float32 when the constraint
-is on, and that a model read in bf16 trains with them and keeps the invariant."""
+"""Float32 master weights (docs/design.md §6b): why the parameters the optimizer updates must be float32 when the
+constraint is on, and that a model read in bf16 trains with them and keeps the invariant."""
 
 import json
 

@@ -1,5 +1,5 @@
-"""The parameter policy in force per method and model start (DESIGN 6): seqft and mtl are full fine-tuning, osft
-constrains the matrices and trains (random init) or freezes (checkpoint) the rest; results.json records it."""
+"""The parameter policy in force per method and model start (docs/design.md §6): seqft and mtl are full fine-tuning,
+osft constrains the matrices and trains (random init) or freezes (checkpoint) the rest; results.json records it."""
 
 import jax.numpy as jnp
 import numpy as np

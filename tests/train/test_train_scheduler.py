@@ -8,12 +8,14 @@ import pytest
 import transformers
 
 import clsvd_jax as cj
-from clsvd_jax import scheduler as S
+from clsvd_jax._src import rank_policy as rp
+from clsvd_jax._src import subspace as subspace_lib
 from clsvd_jax.config import OptimizerConfig, OsftConfig, RankPolicyConfig
 from clsvd_jax.data import BatchIterator, encode_examples, load_task, tokenizer_info
 from clsvd_jax.data.tasks import TaskSpec
 from clsvd_jax.models import t5
 from clsvd_jax.train import covariance, model_io
+from clsvd_jax.train import scheduler as S
 from clsvd_jax.train import step as step_lib
 
 
@@ -50,16 +52,16 @@ def test_block_cosines_by_hand():
   assert cos["layers"] == pytest.approx([0.0])  # (1 + -1) / 2
   cos = S.block_cosines({"layers": (a, b)}, {"layers": np.array([[1, 0]])})  # the pad token does not count
   assert cos["layers"] == pytest.approx([1.0])
-  imp = S.importance_from_cosines({"x": np.array([0.9, 0.5])}, "1-cos")
+  imp = rp.importance_from_cosines({"x": np.array([0.9, 0.5])}, "1-cos")
   assert imp["x"] == pytest.approx([0.1, 0.5])
-  assert S.importance_from_cosines({"x": np.array([0.9, 0.5])}, "cos")["x"] == pytest.approx([0.9, 0.5])
+  assert rp.importance_from_cosines({"x": np.array([0.9, 0.5])}, "cos")["x"] == pytest.approx([0.9, 0.5])
 
 
 def test_energy_extension_by_hand():
   # total 10, protected 4, spectrum^2 = 3, 2, 1: eps 0.8 needs 8 -> 4 + 3 + 2 = 9 >= 8 after 2 directions.
-  j = S.energy_extension(np.array(4.0), np.sqrt(np.array([3.0, 2.0, 1.0])), np.array(10.0), 0.8)
+  j = rp.energy_extension(np.array(4.0), np.sqrt(np.array([3.0, 2.0, 1.0])), np.array(10.0), 0.8)
   assert int(j) == 2
-  assert int(S.energy_extension(np.array(9.0), np.array([1.0]), np.array(10.0), 0.8)) == 0
+  assert int(rp.energy_extension(np.array(9.0), np.array([1.0]), np.array(10.0), 0.8)) == 0
 
 
 def test_importance_boundaries_accumulate_and_round_trip(setup):
@@ -70,11 +72,11 @@ def test_importance_boundaries_accumulate_and_round_trip(setup):
   sched = S.TaskScheduler(osft, shapes, 3)
   opt_state = sched.before_task(0, params, opt_state, _inputs(model, batch))
   first = {p: np.asarray(k) for p, k in sched.ranks.items()}
-  subs = cj.flatten_with_paths(cj.get_subspaces(opt_state), is_leaf=S._is_node)
+  subs = subspace_lib.subspaces_by_path(cj.get_subspaces(opt_state))
   for path, shape in shapes.items():
     s = subs[path]
     np.testing.assert_array_equal(np.asarray(s.rank), first[path])
-    r = np.asarray(S.rp.retention_ratio(0.0, mrr=0.2, trr=0.6))
+    r = np.asarray(rp.retention_ratio(0.0, mrr=0.2, trr=0.6))
     assert (first[path] >= np.floor(r * min(shape[-2:]))).all()
   rec = sched.records[0]
   assert rec["protected"] and set(rec["importance"]) == {"encoder/layers", "decoder/layers"}
@@ -94,7 +96,7 @@ def test_importance_boundaries_accumulate_and_round_trip(setup):
   for path in shapes:
     assert (np.asarray(again.ranks[path]) >= first[path]).all()
     assert (np.asarray(again.ranks[path]) > first[path]).any()
-  new = cj.flatten_with_paths(cj.get_subspaces(opt_state), is_leaf=S._is_node)["encoder/layers/mlp/wi_0/weight"]
+  new = subspace_lib.subspaces_by_path(cj.get_subspaces(opt_state))["encoder/layers/mlp/wi_0/weight"]
   u_old, u_new = cj.protected_basis(old, "left"), cj.protected_basis(new, "left")
   proj_new = jnp.einsum("lmc,lnc->lmn", u_new, u_new)
   assert float(jnp.max(jnp.abs(jnp.einsum("lmn,lnc->lmc", proj_new, u_old) - u_old))) < 1e-4
@@ -133,7 +135,7 @@ def test_energy_policy_with_activations_meets_eps(setup):
   inputs = _inputs(model, batch)
   inputs.covariances = covs
   opt_state = sched.before_task(1, params, opt_state, inputs)
-  subs = cj.flatten_with_paths(cj.get_subspaces(opt_state), is_leaf=S._is_node)
+  subs = subspace_lib.subspaces_by_path(cj.get_subspaces(opt_state))
   paths = ("encoder/layers/self_attn/k/weight", "decoder/layers/mlp/wo/weight", "decoder/layers/cross_attn/v/weight")
   for path in paths:
     v = cj.protected_basis(subs[path], "right")

@@ -12,9 +12,9 @@ from _train_helpers import tiny_config_dict
 
 from clsvd_jax import cli
 from clsvd_jax import config as C
-from clsvd_jax import scheduler as sched_lib
 from clsvd_jax.train import layout as layout_lib
 from clsvd_jax.train import runner, watchdog
+from clsvd_jax.train import scheduler as sched_lib
 
 TIMEOUT = 5  # seconds: far below the stalls injected here, above anything a warm tiny run does on a busy machine
 

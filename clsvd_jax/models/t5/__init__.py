@@ -152,7 +152,7 @@ def constrained_matrices(model: T5Model) -> dict[str, tuple[int, ...]]:
 
 def matrix_input_covariances(model: T5Model, batches: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
   """``{path: [L, in, in]}``: sums of ``x x^T`` over the real tokens of ``batches`` of the input of every
-  constrained matrix (basis source ``activations``, DESIGN 4b).
+  constrained matrix (basis source ``activations``, docs/design.md §4b).
 
   Args:
     model: a ``T5Model``.

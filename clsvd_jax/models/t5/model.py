@@ -401,7 +401,8 @@ def input_covariances(params: Params, input_ids: jax.Array, decoder_input_ids: j
                       config: T5Config) -> dict[str, jax.Array]:
   """``{matrix path: [L, in, in]}``: sum of ``x x^T`` over the real tokens of every constrained matrix's input.
 
-  The statistic of the ``activations`` basis source (DESIGN 4b): the blocks' ``taps``, reduced inside the scans.
+  The statistic of the ``activations`` basis source (docs/design.md §4b): the blocks' ``taps``, reduced inside the
+  scans.
   Matrices sharing an input share its covariance (q/k/v; ``wi_0``/``wi_1``); the decoder's cross-attention ``k``/``v``
   read the encoder output, whose covariance is summed over the encoder's real tokens.
   """

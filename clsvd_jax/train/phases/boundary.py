@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import clsvd_jax as cj
-from clsvd_jax import scheduler as sched_lib
 from clsvd_jax.config import ConfigError
 from clsvd_jax.data import BatchIterator, EncodedSplit
 from clsvd_jax.data.batching import Position
 from clsvd_jax.train import covariance, model_io
+from clsvd_jax.train import scheduler as sched_lib
 from clsvd_jax.train.run_state import RunState, TrainState
 
 if TYPE_CHECKING:

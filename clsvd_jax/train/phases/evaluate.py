@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import clsvd_jax as cj
-from clsvd_jax import scheduler as sched_lib
+from clsvd_jax._src import subspace as subspace_lib
 from clsvd_jax.train import evaluate as eval_lib
 from clsvd_jax.train import metrics as metrics_lib
 from clsvd_jax.train import outputs
@@ -72,9 +72,7 @@ def _invariant(ctx: RunContext, state: RunState, arrays: TrainState) -> dict[str
   """``||U^T dW|| / ||dW||`` and ``||dW V|| / ||dW||`` of every constrained matrix over the task (or nothing)."""
   if not (ctx.config.eval.invariant_check and ctx.scheduler is not None):
     return {}
-  subs = {path: s for path, s in cj.flatten_with_paths(cj.get_subspaces(arrays.opt_state),
-                                                         is_leaf=sched_lib._is_node).items()
-          if isinstance(s, cj.Subspace)}
+  subs = subspace_lib.subspaces_by_path(cj.get_subspaces(arrays.opt_state))
   return metrics_lib.invariant_ratios(arrays.anchor, cj.flatten_with_paths(arrays.params), subs, steps=state.step)
 
 

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 import clsvd_jax as cj
-from clsvd_jax import scheduler as sched_lib
 from clsvd_jax.config import ConfigError, RunConfig, dump_config
 from clsvd_jax.train import checkpoint as ckpt_lib
 from clsvd_jax.train import layout as layout_lib
 from clsvd_jax.train import model_io
+from clsvd_jax.train import scheduler as sched_lib
 from clsvd_jax.train.context import RunContext, config_hash
 from clsvd_jax.train.methods import get_method
 from clsvd_jax.train.phases.boundary import copy_f32

@@ -1,4 +1,4 @@
-"""The task scheduler: what happens at a task boundary of the constrained method (DESIGN 3, 4, 4b).
+"""The task scheduler: what happens at a task boundary of the constrained method (docs/design.md §3, §4, §4b).
 
 Before each task the scheduler
 
@@ -13,14 +13,16 @@ Before each task the scheduler
 4. records per task and matrix the protected rank, the block importance and the captured fraction of spectral
    energy ``1 - ||P(W)||^2 / ||W||^2``.
 
-It is a plain object whose state round-trips through ``to_dict`` / ``from_dict`` (JSON), saved with every
-checkpoint; the subspaces themselves live in the optimizer state.
+The measurements (block cosines, spectra) are here; the rank arithmetic they feed (retention ratios, clipping,
+energy extension, capacity) is in ``clsvd_jax._src.rank_policy``. The scheduler is a plain object whose state
+round-trips through ``to_dict`` / ``from_dict`` (JSON), saved with every checkpoint; the subspaces themselves live
+in the optimizer state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,6 +33,7 @@ import optax
 import clsvd_jax as cj
 from clsvd_jax._src import linalg
 from clsvd_jax._src import rank_policy as rp
+from clsvd_jax._src import subspace as subspace_lib
 from clsvd_jax.config import OsftConfig
 
 Shape = tuple[int, ...]
@@ -67,85 +70,9 @@ def block_cosines(hidden: Mapping[str, tuple[Any, Any]], masks: Mapping[str, Any
   return out
 
 
-def importance_from_cosines(cosines: Mapping[str, Any], direction: str = "1-cos") -> dict[str, np.ndarray]:
-  """Raw importance per block: ``1 - cos`` (blocks that change the residual stream most matter most) or ``cos``."""
-  if direction not in ("1-cos", "cos"):
-    raise ValueError(f"importance direction must be '1-cos' or 'cos', got {direction!r}")
-  return {k: (1.0 - np.asarray(v, np.float64)) if direction == "1-cos" else np.asarray(v, np.float64)
-          for k, v in cosines.items()}
-
-
-def stack_of(path: str, stacks: Iterable[str]) -> str | None:
-  """The stack prefix (``layers``, ``encoder/layers``, ...) a parameter path belongs to (longest match)."""
-  best = None
-  for s in stacks:
-    if (path == s or path.startswith(s + "/")) and (best is None or len(s) > len(best)):
-      best = s
-  return best
-
-
-def importance_by_matrix(normalized: Mapping[str, np.ndarray], shapes: Mapping[str, Shape]) -> dict[str, np.ndarray]:
-  """Each matrix takes its block's normalised importance: ``[L]`` for a stack, the mean for a lone matrix.
-
-  Raises:
-    ValueError: naming the matrix, when no stack covers it or the layer counts differ.
-  """
-  out = {}
-  for path, shape in shapes.items():
-    stack = stack_of(path, normalized)
-    if stack is None:
-      raise ValueError(f"no block importance covers {path!r}; measured stacks: {sorted(normalized)}")
-    imp = np.asarray(normalized[stack], np.float64)
-    batch = tuple(shape[:-2])
-    if batch == imp.shape:
-      out[path] = imp
-    elif not batch:
-      out[path] = np.asarray(imp.mean())
-    else:
-      raise ValueError(f"{path!r} has {batch} stacked matrices but its stack {stack!r} has {imp.shape} blocks")
-  return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Ranks
+# Spectra the energy policy and the records read (the rank arithmetic is in clsvd_jax._src.rank_policy)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _clip(path: str, k: np.ndarray, shape: Shape, previous: Mapping[str, Any] | None, min_trainable: int) -> np.ndarray:
-  return rp.finish_ranks(path, k, shape, previous, min_trainable)
-
-
-def incremental_importance_ranks(importance: Mapping[str, Any], shapes: Mapping[str, Shape], *, mrr: float,
-                                 trr: float, previous: Mapping[str, Any] | None,
-                                 min_trainable: int) -> dict[str, np.ndarray]:
-  """Each task protects a fraction r (the paper's retention ratio) of the directions still free."""
-  out = {}
-  for path, shape in shapes.items():
-    r = rp.retention_ratio(importance[path], mrr=mrr, trr=trr)
-    prev = np.zeros(shape[:-2], np.int64) if previous is None or path not in previous else np.asarray(previous[path])
-    free = min(shape[-2:]) - prev
-    k = prev + np.floor(r * free + 1e-9).astype(np.int64)
-    out[path] = _clip(path, k, shape, previous, min_trainable)
-  return out
-
-
-def energy_extension(protected_energy: np.ndarray, spectrum: np.ndarray, total: np.ndarray,
-                     eps: float) -> np.ndarray:
-  """New directions needed so protected + top-j of the complement spectrum keep ``eps`` of the total energy.
-
-  Args:
-    protected_energy: ``[...]`` energy already inside the protected subspace.
-    spectrum: ``[..., r]`` complement spectrum (singular values), descending.
-    total: ``[...]`` total energy.
-    eps: target fraction.
-  """
-  s2 = np.square(np.asarray(spectrum, np.float64))
-  need = eps * np.asarray(total, np.float64) - np.asarray(protected_energy, np.float64)
-  cum = np.cumsum(s2, -1)
-  # j = number of complement directions until the cumulative energy reaches the need (0 if already met).
-  j = (cum < need[..., None] - 1e-12 * np.maximum(total[..., None], 1.0)).sum(-1) + 1
-  j = np.where(need <= 0, 0, np.minimum(j, s2.shape[-1]))
-  return j.astype(np.int64)
 
 
 def _fro2(x: jax.Array) -> jax.Array:
@@ -288,7 +215,7 @@ class TaskScheduler:
         sums[stack] = sums.get(stack, 0.0) + np.asarray(s, np.float64)
         counts[stack] = counts.get(stack, 0.0) + np.asarray(c, np.float64)
     cosines = {k: sums[k] / np.maximum(counts[k], 1.0) for k in sums}
-    raw = importance_from_cosines(cosines, self.config.rank_policy.importance_direction)
+    raw = rp.importance_from_cosines(cosines, self.config.rank_policy.importance_direction)
     return cosines, rp.normalize_importance(raw)
 
   def _policy_ranks(self, task_index: int, params_flat: Mapping[str, Any], previous: Mapping[str, cj.Subspace],
@@ -302,9 +229,9 @@ class TaskScheduler:
     if cfg.name == "importance":
       if importance is None:
         raise ValueError("rank policy 'importance' needs a calibration batch to measure block importance")
-      imp = importance_by_matrix(importance, self.shapes)
+      imp = rp.importance_by_matrix(importance, self.shapes)
       if cfg.growth == "incremental":
-        return incremental_importance_ranks(imp, self.shapes, mrr=cfg.mrr, trr=cfg.trr, previous=prev,
+        return rp.incremental_importance_ranks(imp, self.shapes, mrr=cfg.mrr, trr=cfg.trr, previous=prev,
                                             min_trainable=mt)
       return cj.importance_ranks(imp, self.shapes, mrr=cfg.mrr, trr=cfg.trr, previous=prev, min_trainable=mt)
     if cfg.name == "schedule":
@@ -318,8 +245,8 @@ class TaskScheduler:
         have, spectrum, total = _covariance_spectrum(covariances[path], sub)
       else:
         have, spectrum, total = _complement_spectrum(params_flat[path], sub)
-      k = np.asarray(prev[path], np.int64) + energy_extension(have, spectrum, total, cfg.eps)
-      out[path] = _clip(path, k, shape, prev, mt)
+      k = np.asarray(prev[path], np.int64) + rp.energy_extension(have, spectrum, total, cfg.eps)
+      out[path] = rp.finish_ranks(path, k, shape, prev, mt)
     return out
 
   # -- the boundary -----------------------------------------------------------------------------------------
@@ -351,8 +278,7 @@ class TaskScheduler:
       if missing:
         raise ValueError(f"constrained matrices missing from params: {missing[:5]}")
       previous_tree = cj.get_subspaces(opt_state)
-      previous = {p: s for p, s in cj.flatten_with_paths(previous_tree, is_leaf=_is_node).items()
-                  if isinstance(s, cj.Subspace)}
+      previous = subspace_lib.subspaces_by_path(previous_tree)
       covs = None
       if self.config.basis_source == "activations":
         covs = {p: c for p, c in (inputs.covariances or {}).items() if p in self.shapes}
@@ -362,13 +288,13 @@ class TaskScheduler:
       ranks = self._policy_ranks(task_index, params_flat, previous, normalized, covs)
       for path, k in ranks.items():
         # A capacity set by max_rank_ratio bounds what a side can hold; stay inside it.
-        cap = _capacity_rank(self.shapes[path], previous.get(path))
+        sub = previous.get(path)
+        cap = rp.capacity_rank(self.shapes[path], None if sub is None else sub.capacity)
         ranks[path] = np.maximum(np.minimum(k, cap), self.ranks[path]).astype(np.int32)
       subs = self.compute_fn(params, ranks, previous=previous_tree,
                                   covariances=covs or None)
       opt_state = cj.set_subspaces(opt_state, subs)
-      new_flat = {p: s for p, s in cj.flatten_with_paths(subs, is_leaf=_is_node).items()
-                  if isinstance(s, cj.Subspace)}
+      new_flat = subspace_lib.subspaces_by_path(subs)
       self.ranks = {p: np.asarray(ranks[p], np.int32) for p in self.shapes}
       record["protected"] = True
       record["energy"] = {p: _to_list(weight_energy(params_flat[p], new_flat[p])) for p in self.shapes}
@@ -378,25 +304,6 @@ class TaskScheduler:
     self.records = [r for r in self.records if r["task"] != task_index] + [record]
     self.next_task = task_index + 1
     return opt_state
-
-
-def _is_node(x: Any) -> bool:
-  return x is None or isinstance(x, cj.Subspace) or isinstance(x, optax.MaskedNode)
-
-
-def _capacity_rank(shape: Shape, sub: cj.Subspace | None) -> int:
-  """The largest rank both sides of a subspace with this capacity can represent (up to min(m, n))."""
-  m, n = shape[-2:]
-  if sub is None:
-    return min(m, n)
-  c_left, c_right = sub.capacity
-  best = 0
-  for k in range(min(m, n) + 1):
-    if (k <= c_left or m - k <= c_left) and (k <= c_right or n - k <= c_right):
-      best = k
-    else:
-      break
-  return best
 
 
 def reset_moments(tx: optax.GradientTransformation, params: Any, opt_state: Any) -> Any:
