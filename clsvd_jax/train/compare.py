@@ -339,8 +339,9 @@ def plot_r_matrices(summary: Mapping[str, Any], path: str | os.PathLike[str]) ->
   plt = outputs.pyplot()
   n = len(methods)
   tasks = next(iter(methods.values()))["tasks"]
-  fig, axes = plt.subplots(1, n, figsize=(0.6 + (1.0 + 0.55 * len(tasks)) * n, 1.4 + 0.5 * len(tasks)),
-                           squeeze=False)
+  # Room above the plots for the suptitle and the two-line titles, beside them for the row labels.
+  fig, axes = plt.subplots(1, n, figsize=(0.6 + (1.6 + 0.55 * len(tasks)) * n, 2.0 + 0.5 * len(tasks)),
+                           squeeze=False, gridspec_kw={"wspace": 0.6, "top": 0.78})
   im = None
   for ax, (name, m) in zip(axes[0], methods.items()):
     r = np.asarray(m["R_mean"], np.float64) * 100
@@ -354,7 +355,7 @@ def plot_r_matrices(summary: Mapping[str, Any], path: str | os.PathLike[str]) ->
     rows = m.get("row_names") or tasks
     ax.set_yticks(range(r.shape[0]), [str(x)[:12] for x in rows[:r.shape[0]]], fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
-  fig.suptitle("R (exact-match accuracy %, row = after training that task; mean over seeds)", fontsize=9)
+  fig.suptitle("R (exact-match accuracy %, row = after training that task; mean over seeds)", fontsize=9, y=0.98)
   outputs.save_figure(fig, path)
   plt.close(fig)
   return True

@@ -279,7 +279,8 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
   """``fig.savefig`` into memory, then one write (savefig cannot write to a URL)."""
   path = run_path(path)
   buf = io.BytesIO()
-  fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=110)
+  # bbox_inches="tight": rotated tick labels and a suptitle are kept inside the image, not cut at its edge.
+  fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
   path.write_bytes(buf.getvalue())
 
 
