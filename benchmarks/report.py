@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -106,16 +107,25 @@ def main(argv: list[str] | None = None) -> str:
   ap.add_argument("--quick", action="store_true", help="every benchmark at its toy size")
   ap.add_argument("--only", nargs="+", default=None, help="run only these benchmarks (names without .py)")
   ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+  ap.add_argument("--args", dest="extra", action="append", default=[], metavar="NAME=ARGS",
+                  help="replace one benchmark's arguments, e.g. --args 'boundary=--no-exact' (repeatable)")
   args = ap.parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
-  plan = QUICK_ARGS if args.quick else FULL_ARGS
+  plan = dict(QUICK_ARGS if args.quick else FULL_ARGS)
+  for item in args.extra:
+    name, sep, rest = item.partition("=")
+    if not sep or name not in plan:
+      ap.error(f"--args {item!r}: expected NAME=ARGS with NAME one of {', '.join(plan)}")
+    plan[name] = shlex.split(rest)
   results = {}
   for name, extra in plan.items():
     if (args.only and name not in args.only) or not (HERE / f"{name}.py").exists():
       continue
     results[name] = run(name, extra, args.out)
+  changed = "".join(f"; {name}.py {' '.join(plan[name])}" for name in dict.fromkeys(
+      i.partition("=")[0] for i in args.extra))
   header = (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} {platform.processor() or ''} "
-            f"({platform.system()}, {_cores()} cores){' --quick' if args.quick else ''}")
+            f"({platform.system()}, {_cores()} cores){' --quick' if args.quick else ''}{changed}")
   text = header + "\n\n" + table(results)
   (args.out / "table.md").write_text(text + "\n")
   print(text, flush=True)
