@@ -4,7 +4,9 @@ Each benchmark runs in its own process (``peers.py``, ``overhead.py``, ``precisi
 order; ``runner_overhead.py`` too when present) and prints JSON lines, which are kept under ``--out``
 (``runs/bench/<name>.jsonl``) next to the table (``runs/bench/table.md``). ``--quick`` runs every benchmark at its toy
 size (a smoke test of the whole chain, minutes); the full run takes hours on a 2-core CPU (peers.py's 50 steps of a
-LLaMA at batch 16 x 256, boundary.py's exact decompositions of 11008 x 4096 matrices).
+LLaMA at batch 16 x 256, boundary.py's exact decompositions of 11008 x 4096 matrices). ``--args NAME=ARGS`` runs
+one benchmark with other arguments (e.g. ``--args boundary=--no-exact`` where the exact LLaMA-2-7B decompositions
+would take too long); the table's header names every replacement.
 
 The table's rows: per protected fraction, our step ratio, memory and leak against PEFT OSF's and the targets
 (step <= 1.10x, memory below PEFT's at 10% / 50% and within plain + 1x at 90%, leak <= 1e-5); the optimizer-only

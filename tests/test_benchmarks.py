@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -67,3 +69,23 @@ def test_peers_quick_compares_each_framework_with_its_own_plain_run():
   summary = _module("report").table({"peers": rows})
   leak_row = next(line for line in summary.splitlines() if line.startswith("| peers | leak after 3 steps, 50%"))
   assert leak_row.endswith("| <= 1e-5 | yes |")
+
+
+@pytest.mark.multiprocess
+def test_report_args_replace_one_benchmarks_arguments_and_name_them(tmp_path):
+  report = _module("report")
+  tiny = "--d 16 --layers 1 --tokens 64 --repeats 1 --protected 0.5"
+  text = report.main(["--only", "overhead", "--out", str(tmp_path), "--args", f"overhead={tiny}"])
+  # The replaced arguments reached the script (one fraction, not the default three) and the header says so.
+  rows = [json.loads(line) for line in (tmp_path / "overhead.jsonl").read_text().splitlines()]
+  assert [r["protected"] for r in rows] == [0.5] and rows[0]["d"] == 16 and rows[0]["layers"] == 1
+  assert f"overhead.py {tiny}" in text.splitlines()[0]
+  assert (tmp_path / "table.md").read_text().strip() == text.strip()
+
+
+def test_report_args_name_an_unknown_benchmark_in_a_one_line_error(capsys):
+  report = _module("report")
+  with pytest.raises(SystemExit) as exit_info:
+    report.main(["--args", "nosuch=--x"])
+  assert exit_info.value.code == 2
+  assert "--args 'nosuch=--x': expected NAME=ARGS with NAME one of peers" in capsys.readouterr().err
