@@ -2,8 +2,10 @@
 
 The projection ``P(G) = (I - U U^T) G (I - V V^T)`` runs as thin matmuls (``B^T G``, then ``B (B^T G)``, each side),
 accumulating in float32. Whatever error the matmuls make in ``U^T G`` stays in the update as a component along the
-protected directions: a matmul with relative error e leaks ``||U^T P(G)|| ~ e ||U U^T G||``. The library runs them
-at ``Precision.HIGHEST`` today. What the precisions mean per backend (float32 operands, float32 accumulation):
+protected directions: a matmul with relative error e leaks ``||U^T P(G)|| ~ e ||U U^T G||``. The library's default
+per backend (``clsvd_jax.default_precision``, chosen from this script's figures; ``LIBRARY_DEFAULT`` below names the
+row that stands for it): HIGHEST on CPU, TF32 x3 on Ampere+ GPUs, HIGH (bf16 x3) on TPU. What the precisions mean
+per backend (float32 operands, float32 accumulation):
 
 =========  ===========================  ============================  ==========================================
 backend    DEFAULT                      HIGH                          HIGHEST
@@ -78,6 +80,9 @@ EMULATED = {
     "GPU DEFAULT/HIGH (tf32 x1)": (round_tf32, 1, _BF16_6[:1]),
     "GPU TF32_TF32_F32_X3 (tf32 x3)": (round_tf32, 2, _BF16_6[:3]),
 }
+# The row that stands for ``clsvd_jax.default_precision(platform)`` on each platform.
+LIBRARY_DEFAULT = {"cpu": "cpu HIGHEST", "tpu": "emulated TPU HIGH (bf16 x3)",
+                   "cuda": "emulated GPU TF32_TF32_F32_X3 (tf32 x3)"}
 
 
 def emulated_matmul(rounding: Callable[[jax.Array], jax.Array], pieces: int,

@@ -129,10 +129,12 @@ def _state_subspaces(params: Any, subspaces: Any, axes: matrix_axes.AxesSpec) ->
                                    is_leaf=_is_param_leaf)
 
 
-def project_updates(updates: Any, subspaces: Any, sides: str = "both", axes: matrix_axes.AxesSpec = None) -> Any:
+def project_updates(updates: Any, subspaces: Any, sides: str = "both", axes: matrix_axes.AxesSpec = None,
+                    precision: subspace_lib.PrecisionLike = None) -> Any:
   """Applies ``subspace.project`` to every update that has a subspace; other leaves pass through untouched.
 
-  Updates and subspaces are matched by path, so either may be a plain pytree or an nnx container.
+  Updates and subspaces are matched by path, so either may be a plain pytree or an nnx container. ``precision``:
+  see ``clsvd_jax.project``.
   """
   slots = subspace_lib.slots_by_path(subspaces)
 
@@ -145,14 +147,15 @@ def project_updates(updates: Any, subspaces: Any, sides: str = "both", axes: mat
       raise ValueError(f"the update of {path!r} is a {lay.view_shape} [..., out, in] matrix (stored {lay.shape}) "
                        f"but its subspace is for {tuple(s.rank.shape) + s.matrix_shape}; give constrained() and "
                        "compute_subspaces() the same `axes`")
-    return matrix_axes.from_matrix(subspace_lib.project(matrix_axes.to_matrix(u, lay), s, sides), lay)
+    return matrix_axes.from_matrix(subspace_lib.project(matrix_axes.to_matrix(u, lay), s, sides, precision), lay)
 
   return tree_paths.map_with_paths(one, updates, is_leaf=lambda x: x is None or _is_masked(x))
 
 
 def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: MaskOrFn = None,
                           capacity: tuple[int, int] | int | None = None, max_rank_ratio: float = 1.0,
-                          axes: matrix_axes.AxesSpec = None) -> optax.GradientTransformationExtraArgs:
+                          axes: matrix_axes.AxesSpec = None, precision: subspace_lib.PrecisionLike = None
+                          ) -> optax.GradientTransformationExtraArgs:
   """Maps each update to its projection onto the complement of the protected subspaces.
 
   Chain it LAST (after the optimizer and weight decay) to make the final update satisfy the invariant exactly.
@@ -165,11 +168,13 @@ def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: M
     capacity: stored columns per side of the rank-0 subspaces.
     max_rank_ratio: largest rank the default capacity must hold, as a fraction of min(m, n).
     axes: input / output axes of each parameter; see ``clsvd_jax.MatrixAxes``.
+    precision: the projection's matmul precision; default the backend's (``clsvd_jax.default_precision``).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is an ``OrthogonalProjectionState``.
   """
   _check_sides(sides)
+  precision = subspace_lib.check_precision(precision)
 
   def init_fn(params: Any) -> OrthogonalProjectionState:
     if subspaces is not None:
@@ -179,15 +184,15 @@ def orthogonal_projection(*, sides: str = "both", subspaces: Any = None, mask: M
 
   def update_fn(updates: Any, state: OrthogonalProjectionState, params: Any = None, **extra_args: Any):
     del params, extra_args
-    return project_updates(updates, state.subspaces, sides, axes), state
+    return project_updates(updates, state.subspaces, sides, axes, precision), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def constrained(inner: optax.GradientTransformation, *, sides: str = "both", project_gradients: bool = True,
                 subspaces: Any = None, mask: MaskOrFn = None, capacity: tuple[int, int] | int | None = None,
-                max_rank_ratio: float = 1.0, axes: matrix_axes.AxesSpec = None
-                ) -> optax.GradientTransformationExtraArgs:
+                max_rank_ratio: float = 1.0, axes: matrix_axes.AxesSpec = None,
+                precision: subspace_lib.PrecisionLike = None) -> optax.GradientTransformationExtraArgs:
   """Wraps any optax optimizer so that the parameters move only in the complement of the protected subspaces.
 
   The incoming gradient is projected (optional) so the optimizer's moments live in the complement; the inner
@@ -208,11 +213,15 @@ def constrained(inner: optax.GradientTransformation, *, sides: str = "both", pro
       policy's cap so the bases stay smaller than the weights.
     axes: which axes of each parameter are its input and output (``clsvd_jax.MatrixAxes``): default ``[in, out]``
       for a 2-D Flax ``kernel`` and ``[..., out, in]`` for every other leaf. Give ``compute_subspaces`` the same.
+    precision: the projections' matmul precision (``jax.lax.Precision`` or ``DotAlgorithmPreset``, or a name of
+      one); default the backend's, chosen when the step is lowered: HIGHEST on CPU, TF32 x3 on Ampere+ GPUs, HIGH
+      (bf16 x3) on TPU, each keeping the invariant below 1e-5 (``clsvd_jax.default_precision``).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a ``ConstrainedState``.
   """
   _check_sides(sides)
+  precision = subspace_lib.check_precision(precision)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> ConstrainedState:
@@ -224,9 +233,9 @@ def constrained(inner: optax.GradientTransformation, *, sides: str = "both", pro
 
   def update_fn(updates: Any, state: ConstrainedState, params: Any = None, **extra_args: Any):
     if project_gradients:
-      updates = project_updates(updates, state.subspaces, sides, axes)
+      updates = project_updates(updates, state.subspaces, sides, axes, precision)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    updates = project_updates(updates, state.subspaces, sides, axes)
+    updates = project_updates(updates, state.subspaces, sides, axes, precision)
     return updates, ConstrainedState(state.subspaces, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
