@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   ap.add_argument("--repeats", type=int, default=10, help="timed updates per real precision")
   ap.add_argument("--protected", type=float, nargs="+", default=[0.1, 0.5, 0.9])
   ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--schemes", nargs="+", default=None, metavar="NAME",
+                  help="only the schemes whose name contains one of these (default all)")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args(argv)
 
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   schemes: dict[str, Matmul] = {f"{jax.default_backend()} {p.name}": precision_matmul(p)
                                 for p in (_P.HIGHEST, _P.HIGH, _P.DEFAULT)}
   schemes |= {f"emulated {name}": emulated_matmul(*spec) for name, spec in EMULATED.items()}
+  if args.schemes:
+    schemes = {name: mm for name, mm in schemes.items() if any(part in name for part in args.schemes)}
   rows = []
   for frac in args.protected:
     ranks = {k: np.full((args.layers,), int(frac * min(w.shape[-2:])), np.int32) for k, w in params0.items()}
