@@ -9,8 +9,8 @@ Both loops call the same compiled train step (``clsvd_jax.train.step.TrainStep``
 * bare: the batches collated beforehand, then ``device_put`` + step per batch, and one wait at the end.
 
 Models (the synthetic stream, offline): ``demo`` (the demo's T5: d_model 64, 2+1 layers, batch 32) and
-``cpu_small`` (``configs/cpu_small.yaml``'s T5: d_model 128, d_ff 256, 2+1 layers, batch 16), both ``osft`` as
-their configs say (rank-0 bases: the boundary is not part of this measure).
+``cpu_small`` (``configs/cpu_small.yaml``'s T5 and batch size: d_model 128, d_ff 256, 2+1 layers, batch 8), both
+``osft`` as their configs say (rank-0 bases: the boundary is not part of this measure).
 
 The two loops alternate (runner, bare, runner, bare, ...) after one warm-up of each (which compiles every batch
 shape); each repeat times ``--steps`` steps. Prints one JSON line per model: steps per second of each loop (median
