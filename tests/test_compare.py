@@ -65,3 +65,20 @@ def test_compare_two_methods_two_seeds(tmp_path, capsys):
   assert cli.main(["compare", str(config), "--methods", "seqft,sgd"]) == cli.EXIT_BAD_INPUT
   err = capsys.readouterr().err
   assert "--methods: unknown method 'sgd'" in err and "replay" in err
+
+
+@pytest.mark.parametrize("n, grid", [(3, (1, 3)), (9, (3, 3))])
+def test_r_matrix_plot_wraps_many_methods_into_a_grid(tmp_path, n, grid):
+  """Nine methods side by side were a 3040 x 455 strip; past four they wrap into a near-square grid."""
+  import matplotlib.image
+
+  rng = np.random.default_rng(0)
+  tasks = ["a", "b", "c", "d"]
+  methods = {f"m{i}": {"R_mean": rng.uniform(0, 1, (4, 4)).tolist(), "tasks": tasks, "seeds": [0],
+                       "columns": {"AA": {"mean": 0.5}}} for i in range(n)}
+  path = tmp_path / "R.png"
+  assert compare.plot_r_matrices({"methods": methods}, path)
+  height, width = matplotlib.image.imread(path).shape[:2]
+  rows, cols = grid
+  assert 0.6 < (width / height) / (cols / rows) < 1.6, (width, height)  # rows x cols panels of about equal sides
+  assert not compare.plot_r_matrices({"methods": {}}, tmp_path / "none.png")

@@ -23,6 +23,7 @@ by side.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -339,11 +340,16 @@ def plot_r_matrices(summary: Mapping[str, Any], path: str | os.PathLike[str]) ->
   plt = outputs.pyplot()
   n = len(methods)
   tasks = next(iter(methods.values()))["tasks"]
-  # Room above the plots for the suptitle and the two-line titles, beside them for the row labels.
-  fig, axes = plt.subplots(1, n, figsize=(0.6 + (1.6 + 0.55 * len(tasks)) * n, 2.0 + 0.5 * len(tasks)),
-                           squeeze=False, gridspec_kw={"wspace": 0.6, "top": 0.78})
+  # One row up to four methods, then a near-square grid (nine methods: 3 x 3), so the figure stays readable.
+  ncols = n if n <= 4 else math.ceil(math.sqrt(n))
+  nrows = math.ceil(n / ncols)
+  # Room above each plot for the two-line title, beside it for the row labels.
+  height = 0.6 + (1.6 + 0.5 * len(tasks)) * nrows
+  fig, axes = plt.subplots(nrows, ncols, figsize=(0.6 + (1.6 + 0.55 * len(tasks)) * ncols, height), squeeze=False,
+                           gridspec_kw={"wspace": 0.6, "hspace": 0.7, "top": 1 - 1.0 / height})
+  flat = axes.ravel().tolist()
   im = None
-  for ax, (name, m) in zip(axes[0], methods.items()):
+  for ax, (name, m) in zip(flat, methods.items()):
     r = np.asarray(m["R_mean"], np.float64) * 100
     im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for i in range(r.shape[0]):
@@ -354,7 +360,9 @@ def plot_r_matrices(summary: Mapping[str, Any], path: str | os.PathLike[str]) ->
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
     rows = m.get("row_names") or tasks
     ax.set_yticks(range(r.shape[0]), [str(x)[:12] for x in rows[:r.shape[0]]], fontsize=7)
-  fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
+  for ax in flat[n:]:
+    ax.set_visible(False)
+  fig.colorbar(im, ax=flat[:n], fraction=0.02)
   fig.suptitle("R (exact-match accuracy %, row = after training that task; mean over seeds)", fontsize=9, y=0.98)
   outputs.save_figure(fig, path)
   plt.close(fig)
