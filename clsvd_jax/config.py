@@ -154,6 +154,10 @@ class OsftConfig:
     calibration_task: which data the block importance is measured on: the ``new`` task (the paper) or the
       ``previous`` one.
     param_policy: see ``ParamPolicyConfig``.
+    solver: how a boundary decomposes each matrix: ``exact`` (full SVD / eigh) or ``randomized`` (randomized
+      subspace iteration for the new directions, ``clsvd_jax.compute_subspaces(solver=...)``; at LLaMA-2-7B shapes
+      about 1% of a task's time against about 20% for ``exact`` on a CPU, ``benchmarks/boundary.py``). One device
+      only for now: a run on a mesh refuses ``randomized``.
   """
 
   sides: Literal["both", "left", "right", "block"] = "both"
@@ -168,6 +172,7 @@ class OsftConfig:
   calibration_batch_size: int | None = None
   calibration_task: Literal["new", "previous"] = "new"
   param_policy: ParamPolicyConfig = dataclasses.field(default_factory=ParamPolicyConfig)
+  solver: Literal["exact", "randomized"] = "exact"
 
 
 @dataclasses.dataclass

@@ -203,6 +203,10 @@ def build_context(config: RunConfig, prepared: Prepared, *, run_dir: epath.Path,
     # Parameters of a multi-host model do not fit one device: the default spreads them over all (FSDP).
     mesh_cfg = MeshConfig()
   if mesh_cfg is not None:
+    if method.constrained and config.osft.solver != "exact":
+      raise ConfigError(f"osft.solver: {config.osft.solver!r} runs on one device for now, and this run lays its "
+                        "parameters out on a device mesh (the mesh section, or several processes): set "
+                        "osft.solver: exact, or remove the mesh section")
     if trained is not params:
       raise ConfigError(f"method {config.method} trains other arrays than the model's parameters and runs on one "
                         "device only for now; remove the mesh section (and run one process)")
@@ -217,7 +221,7 @@ def build_context(config: RunConfig, prepared: Prepared, *, run_dir: epath.Path,
   stages = method.stages(len(prepared.names))
   scheduler = None
   if method.constrained:
-    compute = None
+    compute = functools.partial(cj.compute_subspaces, solver=config.osft.solver)
     if layout.mesh is not None:
       from clsvd_jax import parallel
 
