@@ -262,7 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     return COMMANDS[args.command](args)
-  except (ConfigError, DataError, RunPathError, CheckpointError) as e:
+  except ConfigError as e:
+    msg = str(e)
+    # Checks that need the built run (devices, model, data) name the key; the file is named here, once for all.
+    if args.command in ("train", "eval") and not msg.startswith(f"{args.config}:"):
+      msg = f"{args.config}: {msg}"
+    return _error(msg)
+  except (DataError, RunPathError, CheckpointError) as e:
     return _error(str(e))
   except FileNotFoundError as e:
     return _error(str(e))

@@ -108,3 +108,16 @@ def test_inspect_memory_hook(capsys):
 def test_run_dir_with_an_unknown_url_scheme_is_bad_input(capsys):
   assert cli.main(["inspect", "memory://bucket/run"]) == cli.EXIT_BAD_INPUT
   assert "unsupported URL scheme" in capsys.readouterr().err
+
+
+def test_a_check_made_on_the_built_run_names_the_config_file(tmp_path, capsys):
+  """osft.solver: randomized on a mesh is refused once the run knows its layout; the one-line error still names the
+  file, the key and the fix, and nothing is written."""
+  d = tiny_config_dict(tmp_path, osft={"solver": "randomized"}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+  path = tmp_path / "mesh.yaml"
+  path.write_text(yaml.safe_dump(d))
+  assert cli.main(["train", str(path)]) == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"clsvd: error: {path}: osft.solver: 'randomized' runs on one device")
+  assert "set osft.solver: exact" in err[0]
+  assert not Path(d["run_dir"]).exists()
