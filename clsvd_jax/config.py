@@ -156,8 +156,9 @@ class OsftConfig:
     param_policy: see ``ParamPolicyConfig``.
     solver: how a boundary decomposes each matrix: ``exact`` (full SVD / eigh) or ``randomized`` (randomized
       subspace iteration for the new directions, ``clsvd_jax.compute_subspaces(solver=...)``; at LLaMA-2-7B shapes
-      about 1-2% of a short task's time against 16% for ``exact`` on a CPU, ``benchmarks/boundary.py``). One device
-      only for now: a run on a mesh refuses ``randomized``.
+      about 1-2% of a short task's time against 16% for ``exact`` on a CPU, ``benchmarks/boundary.py``; on small
+      matrices it is slower, as it compiles a program per rank). One device only for now: a run on a mesh refuses
+      ``randomized``.
   """
 
   sides: Literal["both", "left", "right", "block"] = "both"
